@@ -1,0 +1,363 @@
+"""The storage backend: the only module that imports fsspec.
+
+A :class:`Backend` is a small concrete class over ``(fs, root)`` as returned by ``fsspec.core.url_to_fs``. It speaks
+in *keys* (``/``-separated strings relative to the store root) and offers exactly what the layers above need: read,
+read_range, open_read, put_if_absent, put_overwrite, size, list, delete. Builtin and library errors are translated
+into fracstore errors ``from`` the original, so callers never see a backend-specific exception.
+
+Put-if-absent is the one operation whose semantics matter most (it is both the lock and the commit of a registry
+append, DESIGN.md section 4), so it is implemented per backend:
+
+* local disk: write a temp file with a random name in the target folder, fsync, ``os.link`` it to the final name
+  (fails with EEXIST if taken, atomically), unlink the temp, fsync the folder. fsspec's own local "xb" writes in
+  place (a partial file would be visible) and its generic create is exists-then-write, so neither is used.
+* memory: the filesystem lives in this process, so a process-wide lock around check-and-write is exact.
+* s3 / gcs: the services' conditional create (``If-None-Match: *`` / ``ifGenerationMatch=0``) through
+  ``pipe_file(mode="create")``.
+
+Any other fsspec protocol can hold blobs (content-addressed writes are idempotent) but reports
+``atomic_create = False`` and registry writes refuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from .errors import FracstoreError, NotFoundError, StorageError, UnsupportedBackendError
+from .layout import probe_key
+
+Buffer = bytes | bytearray | memoryview
+Data = Buffer | Iterable[Buffer]
+
+# Protocols whose pipe_file(mode="create") is a server-side conditional create.
+_NATIVE_CREATE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
+_TEMP_PREFIX = ".tmp-"
+_memory_lock = threading.Lock()
+
+
+def redact_url(url: str) -> str:
+    """``url`` without userinfo (``s3://key:secret@bucket`` -> ``s3://bucket``): safe to show and log."""
+    parts = urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return url
+
+
+def _chunks(data: Data) -> Iterator[Buffer]:
+    if isinstance(data, bytes | bytearray | memoryview):
+        yield data
+    else:
+        yield from data
+
+
+class Backend:
+    """Keyed byte storage over one fsspec filesystem and a root path.
+
+    Attributes:
+        fs: the fsspec filesystem.
+        root: the root path inside ``fs`` (no trailing slash).
+        url: the store URL with credentials removed, for messages.
+        protocol: the filesystem's primary protocol (``"file"``, ``"memory"``, ``"s3"``, ...).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, *, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/") or "/"  # "/" also stands for fsspec's empty memory root
+        self.url = redact_url(url)
+        protocol = fs.protocol
+        self.protocol = protocol if isinstance(protocol, str) else protocol[0]
+        self._local_root = Path(self.root) if isinstance(fs, LocalFileSystem) else None
+        self._probed: bool | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, storage_options: Mapping[str, Any] | None = None) -> Backend:
+        """Open ``url`` with fsspec, passing ``storage_options`` through untouched.
+
+        Raises:
+            StorageError: fsspec cannot open the URL (unknown protocol, missing extra, bad options).
+        """
+        if not isinstance(url, str | os.PathLike) or not str(url):
+            raise StorageError(f"a store URL must be a non-empty string, not {url!r}")
+        url = os.fspath(url)
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        except ImportError as exc:
+            raise StorageError(
+                f"cannot open {redact_url(url)}: {exc}. Install the matching extra, e.g. pip install 'fracstore[s3]'",
+                store=redact_url(url),
+            ) from exc
+        except (ValueError, TypeError, OSError) as exc:
+            raise StorageError(f"cannot open {redact_url(url)}: {exc}", store=redact_url(url)) from exc
+        return cls(fs, root, url=url if "://" in url else root)
+
+    # -- properties -------------------------------------------------------------------------------------------
+
+    @property
+    def is_local(self) -> bool:
+        """True when keys are files on a local disk (zero-copy mmap reads are possible)."""
+        return self._local_root is not None
+
+    @property
+    def atomic_create(self) -> bool:
+        """True when :meth:`put_if_absent` is an atomic, exclusive create on this backend."""
+        return self.is_local or isinstance(self.fs, MemoryFileSystem) or self.protocol in _NATIVE_CREATE_PROTOCOLS
+
+    def local_path(self, key: str) -> Path | None:
+        """The file holding ``key`` on a local backend, else None."""
+        return None if self._local_root is None else self._local_root / key
+
+    def _path(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"invalid key {key!r}", key=key, store=self.url)
+        return f"{self.root}/{key}" if self.root != "/" else f"/{key}"
+
+    @contextlib.contextmanager
+    def _translate(self, key: str, action: str) -> Iterator[None]:
+        try:
+            yield
+        except FracstoreError:
+            raise
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{key} not found in {self.url}", what=key, store=self.url) from exc
+        except PermissionError as exc:
+            raise StorageError(
+                f"permission denied to {action} {key} in {self.url}: check credentials and access rights",
+                key=key,
+                store=self.url,
+            ) from exc
+        except Exception as exc:  # fsspec backends raise library-specific errors (botocore, aiohttp, ...)
+            raise StorageError(
+                f"could not {action} {key} in {self.url}: {type(exc).__name__}: {exc}", key=key, store=self.url
+            ) from exc
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def read(self, key: str) -> bytes:
+        """All bytes of ``key``.
+
+        Raises:
+            NotFoundError: no such key.
+            StorageError: the backend failed.
+        """
+        with self._translate(key, "read"):
+            return bytes(self.fs.cat_file(self._path(key)))
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``key``."""
+        with self._translate(key, "read"):
+            return bytes(self.fs.cat_file(self._path(key), start=start, end=end))
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[IO[bytes]]:
+        """A binary file object for streaming ``key``."""
+        with self._translate(key, "read"), self.fs.open(self._path(key), "rb") as handle:
+            yield handle
+
+    def size(self, key: str) -> int:
+        """The size of ``key`` in bytes.
+
+        Raises:
+            NotFoundError: no such key.
+        """
+        with self._translate(key, "stat"):
+            if self._local_root is not None:
+                # Direct stat: LocalFileSystem.info follows the same path but costs several times more per call.
+                return os.stat(self._local_root / key).st_size
+            return int(self.fs.info(self._path(key))["size"])
+
+    def exists(self, key: str) -> bool:
+        """True when ``key`` exists. Unlike fsspec's ``exists``, a backend failure raises instead of reading as
+        "missing" (an auth error must never make data look absent)."""
+        try:
+            self.size(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (a folder-like prefix ending in ``/``), sorted. Temp files are skipped."""
+        with self._translate(prefix, "list"):
+            base = self._path(prefix.rstrip("/"))
+            try:
+                found = self.fs.find(base, withdirs=False)
+            except FileNotFoundError:
+                return []
+        # fsspec returns paths without protocol; some backends drop the leading "/" the root has, or add one.
+        root = self.root.strip("/") + "/"
+        keys = []
+        for path in found:
+            relative = path.lstrip("/")
+            if not relative.startswith(root.lstrip("/")):
+                continue
+            key = relative[len(root.lstrip("/")) :]
+            if key and not key.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
+                keys.append(key)
+        return sorted(keys)
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def put_if_absent(self, key: str, data: Data) -> bool:
+        """Create ``key`` holding ``data`` unless it exists. Returns True if this call created it.
+
+        On a local disk the object appears complete or not at all, and is read-only once created: everything created
+        this way is immutable.
+
+        Raises:
+            StorageError: the backend failed (the key may or may not have been created: read it back).
+        """
+        with self._translate(key, "create"):
+            if self._local_root is not None:
+                return self._local_put_if_absent(self._local_root / key, data)
+            path = self._path(key)
+            if isinstance(self.fs, MemoryFileSystem):
+                with _memory_lock:
+                    if path in self.fs.store:
+                        return False
+                    self.fs.pipe_file(path, b"".join(_chunks(data)))
+                    return True
+            try:
+                # Whole-object upload; multipart streaming for remote stores belongs to the object-storage layer.
+                self.fs.pipe_file(path, b"".join(_chunks(data)), mode="create")
+            except FileExistsError:
+                return False
+            return True
+
+    def put_overwrite(self, key: str, data: Data) -> None:
+        """Write ``key``, replacing any previous content atomically. Only for advisory metadata (DESIGN.md 2)."""
+        with self._translate(key, "write"):
+            if self._local_root is not None:
+                final = self._local_root / key
+                tmp = self._local_write_temp(final, data, mode=0o644)
+                try:
+                    os.replace(tmp, final)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                _fsync_dir(final.parent)
+                return
+            self.fs.pipe_file(self._path(key), b"".join(_chunks(data)))
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``. Returns False when it was already absent."""
+        with self._translate(key, "delete"):
+            if self._local_root is not None:
+                try:
+                    os.unlink(self._local_root / key)
+                except FileNotFoundError:
+                    return False
+                return True
+            try:
+                self.fs.rm_file(self._path(key))
+            except FileNotFoundError:
+                return False
+            return True
+
+    def probe_atomic_create(self) -> None:
+        """Prove that a second create of one key fails and leaves the first content (DESIGN.md section 4).
+
+        The result is remembered for the life of this object.
+
+        Raises:
+            UnsupportedBackendError: the backend cannot create atomically, or silently overwrote the probe.
+        """
+        if self._probed:
+            return
+        if not self.atomic_create:
+            raise UnsupportedBackendError(
+                f"{self.url} ({self.protocol}://) has no atomic create-if-absent, so concurrent registry writes could "
+                "overwrite each other. Use a local folder, memory://, s3:// or gs://.",
+                store=self.url,
+            )
+        key = probe_key(secrets.token_hex(16))
+        first, second = b"first:" + secrets.token_bytes(8), b"second:" + secrets.token_bytes(8)
+        try:
+            created = self.put_if_absent(key, first)
+            refused = not self.put_if_absent(key, second)
+            kept = self.read(key) == first
+        finally:
+            with contextlib.suppress(FracstoreError):
+                self.delete(key)
+        if not (created and refused and kept):
+            raise UnsupportedBackendError(
+                f"{self.url} silently overwrote an existing object on a conditional create, so concurrent registry "
+                "writes would be lost. Registry writes are refused on it; use a backend or endpoint that honours "
+                "If-None-Match / ifGenerationMatch.",
+                store=self.url,
+            )
+        self._probed = True
+
+    # -- local disk -------------------------------------------------------------------------------------------
+
+    def _local_write_temp(self, final: Path, data: Data, *, mode: int) -> Path:
+        created_dirs = _mkdirs(final.parent)
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)  # O_EXCL, random name
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in _chunks(data):
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, mode)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        for folder in created_dirs:
+            _fsync_dir(folder.parent)
+        return tmp
+
+    def _local_put_if_absent(self, final: Path, data: Data) -> bool:
+        if final.exists():  # cheap early exit; the link below is what decides
+            return False
+        tmp = self._local_write_temp(final, data, mode=0o444)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno in {1, 95, 38}:  # EPERM / EOPNOTSUPP / ENOSYS: no hard links on this filesystem
+                raise UnsupportedBackendError(
+                    f"{self.url} is on a filesystem without hard links, which fracstore needs for atomic creates",
+                    store=self.url,
+                ) from exc
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(final.parent)
+        return True
+
+
+def _mkdirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; return the folders created, outermost first."""
+    missing = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+    return list(reversed(missing))
+
+
+def _fsync_dir(folder: Path) -> None:
+    # A new directory entry is durable only once its folder is fsynced (restic / ext4 semantics).
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,244 @@
+"""The blob store: immutable objects named by the SHA-256 of their bytes.
+
+A *blob* is any immutable object (tensor blob, packed blob, file, history, manifest). Its key is
+``blobs/sha256/<2 hex>/<64 hex>`` and its bytes MUST hash to that key. Every read is verified, size first, then the
+hash, and a mismatch raises :class:`IntegrityError` naming the digest and the store.
+
+Local stores hand out verified blob *files* for zero-copy mmap loads. Re-hashing gigabytes on every load would be
+wasteful, but trusting a changed file would be wrong, so a *verified-state record* remembers the file's identity
+(device, inode, size, mtime_ns, ctime_ns) at the moment its hash was last checked; a file is re-hashed only when its
+stat no longer matches. ctime cannot be set from user space, so an edit followed by ``touch -d`` still shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+
+from .backend import Backend, Data
+from .digest import Descriptor, Digest
+from .errors import FormatError, IntegrityError, NotFoundError, StorageError
+from .layout import BLOBS_PREFIX, blob_key, digest_from_blob_key
+
+_HASH_CHUNK = 8 << 20
+
+
+def hash_file(path: Path) -> tuple[Digest, int]:
+    """SHA-256 and size of a local file, streamed in 8 MiB chunks (the GIL is released while hashing)."""
+    hasher = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            hasher.update(view[:count])
+            size += count
+    return Digest(hasher.hexdigest()), size
+
+
+class BlobStore:
+    """Verified, content-addressed reads and idempotent writes over a :class:`Backend`.
+
+    Args:
+        backend: where the blobs live.
+        verified_dir: folder for verified-state records of a local store's blob files; None disables the
+            records (every local file load is then re-hashed).
+    """
+
+    def __init__(self, backend: Backend, *, verified_dir: Path | None) -> None:
+        self.backend = backend
+        self._verified_dir = verified_dir
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def put(self, descriptor: Descriptor, data: Data) -> bool:
+        """Store ``data``, which the caller has hashed to ``descriptor``. Returns True if bytes were written.
+
+        An existing blob of the right size is kept (identical bytes are stored once). One of the wrong size is
+        corrupt; since the right bytes are in hand, it is replaced.
+        """
+        key = blob_key(descriptor.digest)
+        try:
+            existing = self.backend.size(key)
+        except NotFoundError:
+            existing = None
+        if existing == descriptor.size:
+            return False
+        if existing is not None:
+            self.backend.delete(key)
+        created = self.backend.put_if_absent(key, data)
+        if created:
+            self._record_verified(descriptor.digest)
+        return created
+
+    def put_bytes(self, data: bytes) -> tuple[Descriptor, bool]:
+        """Hash and store ``data``. Returns its descriptor and whether bytes were written."""
+        descriptor = Descriptor(Digest.of(data), len(data))
+        return descriptor, self.put(descriptor, data)
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def has(self, descriptor: Descriptor) -> bool:
+        """True when the blob exists with the expected size (the confirm step of DESIGN.md section 5)."""
+        try:
+            return self.backend.size(blob_key(descriptor.digest)) == descriptor.size
+        except NotFoundError:
+            return False
+
+    def get(self, descriptor: Descriptor) -> bytes:
+        """The verified bytes of a blob.
+
+        Raises:
+            NotFoundError: the blob is missing.
+            IntegrityError: its size or hash does not match.
+        """
+        key = blob_key(descriptor.digest)
+        try:
+            data = self.backend.read(key)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"blob {descriptor.digest} is missing from {self.backend.url}; the store is damaged "
+                "(restore the blob, e.g. by pushing the model again from a store that has it)",
+                what=str(descriptor.digest),
+                store=self.backend.url,
+            ) from exc
+        self._check(descriptor, Digest.of(data) if len(data) == descriptor.size else None, len(data))
+        return data
+
+    def get_unsized(self, digest: Digest, *, max_bytes: int) -> bytes:
+        """The verified bytes of a blob whose size the caller does not know (a manifest named by the registry).
+
+        Raises:
+            NotFoundError: the blob is missing.
+            IntegrityError: it is larger than ``max_bytes`` or its hash does not match.
+        """
+        try:
+            size = self.backend.size(blob_key(digest))
+        except NotFoundError:
+            size = 0  # let get() raise its explanatory error
+        if size > max_bytes:
+            raise IntegrityError(
+                f"blob {digest} in {self.backend.url} is {size} bytes, over the {max_bytes}-byte limit for its kind",
+                key=blob_key(digest),
+                store=self.backend.url,
+            )
+        return self.get(Descriptor(digest, size))
+
+    def local_file(self, descriptor: Descriptor) -> Path | None:
+        """A verified local file holding the blob, for zero-copy mmap; None when the store is not local.
+
+        The file is re-hashed only when its stat differs from the verified-state record.
+
+        Raises:
+            NotFoundError: the blob is missing.
+            IntegrityError: its size or hash does not match.
+        """
+        path = self.backend.local_path(blob_key(descriptor.digest))
+        if path is None:
+            return None
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError as exc:
+            raise NotFoundError(
+                f"blob {descriptor.digest} is missing from {self.backend.url}; the store is damaged",
+                what=str(descriptor.digest),
+                store=self.backend.url,
+            ) from exc
+        if stat.st_size != descriptor.size:
+            self._check(descriptor, None, stat.st_size)
+        if self._read_record(descriptor.digest) != _identity(stat):
+            digest, size = hash_file(path)
+            self._check(descriptor, digest, size)
+            self._record_verified(descriptor.digest)
+        return path
+
+    def verify(self, descriptor: Descriptor) -> None:
+        """Re-hash the blob's stored bytes, ignoring any verified-state record.
+
+        Raises:
+            NotFoundError, IntegrityError: as :meth:`get`.
+        """
+        path = self.backend.local_path(blob_key(descriptor.digest))
+        if path is None:
+            self.get(descriptor)
+            return
+        if not path.exists():
+            raise NotFoundError(
+                f"blob {descriptor.digest} is missing from {self.backend.url}", what=str(descriptor.digest)
+            )
+        digest, size = hash_file(path)
+        self._check(descriptor, digest, size)
+        self._record_verified(descriptor.digest)
+
+    def digests(self) -> Iterator[Digest]:
+        """Every blob digest present in the store (malformed keys are skipped: they are not blobs)."""
+        for key in self.backend.list(BLOBS_PREFIX):
+            with contextlib.suppress(FormatError):
+                yield digest_from_blob_key(key)
+
+    def _check(self, descriptor: Descriptor, actual: Digest | None, size: int) -> None:
+        if size != descriptor.size:
+            raise IntegrityError(
+                f"blob {descriptor.digest} in {self.backend.url} has {size} bytes, expected {descriptor.size}: "
+                "the stored copy is corrupt or truncated",
+                key=blob_key(descriptor.digest),
+                expected=str(descriptor.size),
+                actual=str(size),
+                store=self.backend.url,
+            )
+        if actual != descriptor.digest:
+            raise IntegrityError(
+                f"blob {descriptor.digest} in {self.backend.url} hashes to {actual}: the stored copy is corrupt",
+                key=blob_key(descriptor.digest),
+                expected=str(descriptor.digest),
+                actual=str(actual),
+                store=self.backend.url,
+            )
+
+    # -- verified-state records -------------------------------------------------------------------------------
+
+    def _record_path(self, digest: Digest) -> Path | None:
+        if self._verified_dir is None or not self.backend.is_local:
+            return None
+        return self._verified_dir / digest.hex[:2] / digest.hex
+
+    def _read_record(self, digest: Digest) -> tuple[int, ...] | None:
+        record = self._record_path(digest)
+        if record is None:
+            return None
+        try:
+            value = msgpack.unpackb(record.read_bytes())
+        except (OSError, ValueError, msgpack.UnpackException):
+            return None  # a missing or unreadable record only costs a re-hash
+        return tuple(value) if isinstance(value, list) else None
+
+    def _record_verified(self, digest: Digest) -> None:
+        record = self._record_path(digest)
+        path = self.backend.local_path(blob_key(digest))
+        if record is None or path is None:
+            return
+        try:
+            identity = _identity(os.stat(path))
+            record.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(msgpack.packb(list(identity)))
+            os.replace(tmp, record)
+        except OSError as exc:
+            # The record is an optimisation; failing to write it must not fail a save or load, but a cache folder
+            # that cannot be written at all is worth an error the user can act on.
+            if not record.parent.exists():
+                raise StorageError(
+                    f"cannot write the verified-state record under {record.parent}: {exc}; set cache_dir= or "
+                    "FRACSTORE_CACHE_DIR to a writable folder"
+                ) from exc
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)

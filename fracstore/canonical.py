@@ -1,0 +1,96 @@
+"""Canonical msgpack: one byte string for one value, so that a digest of the bytes is a digest of the value.
+
+Rules (docs/format.md, "Canonical msgpack"): maps have string keys sorted by code point (= by UTF-8 bytes);
+arrays for lists and tuples; str as msgpack str, bytes as bin; every float as float64 with NaN written as the one
+quiet NaN 0x7ff8000000000000; integers in the smallest msgpack form (the library's default); no ext types.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from .errors import FormatError
+
+JSONLike = None | bool | int | float | str | bytes | list["JSONLike"] | dict[str, "JSONLike"]
+
+_INT_MIN = -(1 << 63)
+_INT_MAX = (1 << 64) - 1
+
+
+def normalize(value: Any, *, where: str = "value") -> JSONLike:
+    """Return ``value`` as plain canonical data (dicts sorted by key, tuples as lists, NaN canonical).
+
+    Raises:
+        FormatError: a value msgpack cannot carry canonically (a set, an object, a non-string key, a huge int);
+            the message names where it sits.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise FormatError(f"{where}: integer {value} does not fit in 64 bits")
+        return int(value)
+    if isinstance(value, float):
+        return math.nan if math.isnan(value) else float(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, Mapping):
+        out: dict[str, JSONLike] = {}
+        for key in sorted(value, key=_key_order(where)):
+            out[key] = normalize(value[key], where=f"{where}[{key!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [normalize(item, where=f"{where}[{i}]") for i, item in enumerate(value)]
+    # numpy / torch scalars are common in configs and metrics; accept them as the Python number they hold.
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", 0) == 0 and getattr(value, "shape", ()) in ((), None):
+        scalar = item()
+        if isinstance(scalar, bool | int | float):
+            return normalize(scalar, where=where)
+    raise FormatError(
+        f"{where}: {type(value).__name__} cannot be stored; use None, bool, int, float, str, bytes, lists and "
+        "dicts with string keys"
+    )
+
+
+def _key_order(where: str) -> Any:
+    def check(key: object) -> str:
+        if not isinstance(key, str):
+            raise FormatError(f"{where}: map keys must be strings, not {type(key).__name__} ({key!r})")
+        return key
+
+    return check
+
+
+def encode(value: Any, *, where: str = "value") -> bytes:
+    """Canonical msgpack bytes of ``value`` (see module docstring).
+
+    Raises:
+        FormatError: see :func:`normalize`.
+    """
+    data: bytes = msgpack.packb(normalize(value, where=where), use_bin_type=True, use_single_float=False)
+    return data
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise FormatError(f"msgpack ext type {code} is not allowed in fracstore objects")
+
+
+def decode(data: bytes, *, what: str, max_bytes: int) -> Any:
+    """Decode msgpack written by :func:`encode` (or any well-formed msgpack without ext types).
+
+    Raises:
+        FormatError: the bytes are too large, not msgpack, or use ext types.
+    """
+    if len(data) > max_bytes:
+        raise FormatError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=0)
+    except FormatError:
+        raise
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise FormatError(f"{what} is not valid msgpack: {exc}") from exc

@@ -1,0 +1,306 @@
+"""The registry: reading and appending the store's log (DESIGN.md section 4).
+
+*Append* creates ``log/<tip+1>`` with put-if-absent; that create is both the lock and the commit. A writer that
+loses the race re-reads the new entries, re-checks its operation's preconditions against them and tries again at the
+new tip with jittered backoff, a bounded number of times. An append whose outcome is unknown (a timeout, a 5xx, a
+retried request that had landed) is resolved by reading the entry back and comparing the writer's commit id, so a
+write that landed is never reported as failed nor written twice.
+
+*Reading* starts from the best known state: this object's memory, the replay state cached in the local cache folder,
+or the newest checkpoint in the store. A starting state is trusted only after the log entry it ends at is read back
+and hashes to the state's tip. Then ``log/<n+1>``, ``log/<n+2>``, ... are read until one is missing, so a reader
+that has replayed to n pays only for the entries after n.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import canonical
+from .backend import Backend
+from .config import StoreOptions
+from .digest import Descriptor, Digest
+from .errors import ConflictError, FormatError, IntegrityError, NotFoundError, StorageError
+from .layout import CHECKPOINT_POINTER_KEY, CHECKPOINTS_PREFIX, checkpoint_key, log_key, seq_from_key
+from .manifest import now
+from .registry_state import Entry, RegistryState, Writer
+
+_MAX_STATE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What an operation wants to append, as decided against the state at the tip (see :meth:`Registry.append`)."""
+
+    op: str
+    name: str | None = None
+    manifest: Digest | None = None
+    version: int | None = None
+    tag: str | None = None
+    payload: Descriptor | None = None
+    begin: int | None = None
+
+
+# Decide the change to append given the state at the tip, or None when the operation has already taken effect
+# (an idempotent retry). Raise to refuse (a failed precondition).
+Decide = Callable[[RegistryState], Change | None]
+
+
+class Registry:
+    """The registry log of one store.
+
+    Args:
+        backend: the store's backend.
+        options: the store's options (checkpoint interval, append attempts).
+        state_cache: file for the replayed state in the local cache, or None.
+        sleep: how to wait between attempts (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        options: StoreOptions,
+        state_cache: Path | None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.backend = backend
+        self.options = options
+        self._state_cache = state_cache
+        self._sleep = sleep
+        self._state: RegistryState | None = None
+        self._lock = threading.RLock()
+        self._host = socket.gethostname()
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def refresh(self) -> RegistryState:
+        """Replay the log up to its current tip and return the state (a snapshot the caller may keep).
+
+        Raises:
+            IntegrityError: the hash chain is broken.
+            FormatError: an entry cannot be decoded.
+            StorageError: the backend failed.
+        """
+        with self._lock:
+            state = self._state if self._state is not None else self._starting_state()
+            start = state.seq
+            self._read_forward(state)
+            self._state = state
+            if state.seq != start:
+                self._save_state_cache(state)
+            return state.snapshot()
+
+    def _read_forward(self, state: RegistryState) -> None:
+        while True:
+            seq = state.seq + 1
+            try:
+                data = self.backend.read(log_key(seq))
+            except NotFoundError:
+                return
+            state.apply(Entry.from_bytes(data, seq=seq), Digest.of(data))
+
+    def _starting_state(self) -> RegistryState:
+        for candidate in (self._load_state_cache, self._load_checkpoint):
+            state = candidate()
+            if state is not None and self._tip_matches(state):
+                return state
+        return RegistryState()
+
+    def _tip_matches(self, state: RegistryState) -> bool:
+        if state.seq == 0:
+            return True
+        try:
+            return Digest.of(self.backend.read(log_key(state.seq))) == state.tip
+        except NotFoundError:
+            return False
+
+    def _load_checkpoint(self) -> RegistryState | None:
+        try:
+            pointer = canonical.decode(
+                self.backend.read(CHECKPOINT_POINTER_KEY), what="checkpoint pointer", max_bytes=4096
+            )
+            seq = int(pointer["seq"])
+        except (NotFoundError, FormatError, KeyError, TypeError, ValueError):
+            # The pointer is advisory; without it, the newest checkpoint listed is as good.
+            keys = self.backend.list(CHECKPOINTS_PREFIX)
+            seqs = [s for s in (_try_seq(k) for k in keys) if s is not None]
+            if not seqs:
+                return None
+            seq = max(seqs)
+        try:
+            raw = canonical.decode(
+                self.backend.read(checkpoint_key(seq)), what="checkpoint", max_bytes=_MAX_STATE_BYTES
+            )
+            state = RegistryState.from_dict(raw)
+        except (NotFoundError, FormatError):
+            return None
+        return state if state.seq == seq else None
+
+    def _load_state_cache(self) -> RegistryState | None:
+        if self._state_cache is None:
+            return None
+        try:
+            raw = canonical.decode(self._state_cache.read_bytes(), what="replay cache", max_bytes=_MAX_STATE_BYTES)
+            return RegistryState.from_dict(raw)
+        except (OSError, FormatError):
+            return None  # the cache is only an optimisation
+
+    def _save_state_cache(self, state: RegistryState) -> None:
+        if self._state_cache is None:
+            return
+        with contextlib.suppress(OSError):
+            self._state_cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._state_cache.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(canonical.encode(state.to_dict()))
+                os.replace(tmp, self._state_cache)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    # -- appending --------------------------------------------------------------------------------------------
+
+    def append(self, decide: Decide) -> tuple[Entry | None, RegistryState]:
+        """Append the entry ``decide`` asks for at the tip, retrying after lost races.
+
+        ``decide`` runs against the state at the tip before every attempt, so its precondition checks are
+        linearizable with the append. It returns None when the operation has already taken effect.
+
+        Returns:
+            the appended entry (None when nothing was appended) and the state including it.
+
+        Raises:
+            ConflictError: lost the race ``append_attempts`` times.
+            UnsupportedBackendError: the backend cannot create atomically.
+            whatever ``decide`` raises.
+        """
+        self.backend.probe_atomic_create()
+        commit = secrets.token_hex(8)
+        writer = Writer(self._host, os.getpid(), commit)
+        with self._lock:
+            for attempt in range(self.options.append_attempts):
+                state = self.refresh()
+                if commit in state.commits:  # an earlier attempt landed after all (unknown outcome)
+                    return self._entry_at(state.commits[commit]), state
+                change = decide(state)
+                if change is None:
+                    return None, state
+                entry = Entry(
+                    seq=state.seq + 1,
+                    op=change.op,
+                    time=now(),
+                    writer=writer,
+                    prev=state.tip,
+                    name=change.name,
+                    manifest=change.manifest,
+                    version=change.version,
+                    tag=change.tag,
+                    payload=change.payload,
+                    begin=change.begin,
+                )
+                if self._create(entry):
+                    return entry, self._applied(entry)
+                self._sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
+        raise ConflictError(
+            f"gave up appending to the registry of {self.backend.url} after {self.options.append_attempts} attempts: "
+            "other writers kept winning the race. Try again; raise append_attempts if this store is very busy."
+        )
+
+    def _create(self, entry: Entry) -> bool:
+        """Put-if-absent ``entry``; True when it is in the log now. Resolves unknown outcomes by reading back."""
+        key, data = log_key(entry.seq), entry.to_bytes()
+        try:
+            if self.backend.put_if_absent(key, data):
+                return True
+        except StorageError as exc:
+            if isinstance(exc, NotFoundError):
+                raise
+            landed = self._read_back(key)
+            if landed is None:
+                return False  # nothing there: the write did not land; the loop retries it
+            return landed == data
+        # "Exists" may be our own write landing twice (a client that retried a request that had succeeded).
+        return self._read_back(key) == data
+
+    def _read_back(self, key: str) -> bytes | None:
+        try:
+            return self.backend.read(key)
+        except NotFoundError:
+            return None
+        except StorageError as exc:
+            raise StorageError(
+                f"the outcome of writing {key} to {self.backend.url} is unknown and it cannot be read back ({exc}); "
+                "run the operation again once the store is reachable: it will not be applied twice",
+                key=key,
+                store=self.backend.url,
+            ) from exc
+
+    def _applied(self, entry: Entry) -> RegistryState:
+        data = entry.to_bytes()
+        state = self._state if self._state is not None else RegistryState()
+        if state.seq == entry.seq - 1:
+            state.apply(entry, Digest.of(data))
+            if entry.seq % self.options.checkpoint_interval == 0:
+                self._write_checkpoint(state)
+        self._state = state
+        self._read_forward(state)
+        self._save_state_cache(state)
+        return state.snapshot()
+
+    def _entry_at(self, seq: int) -> Entry:
+        return Entry.from_bytes(self.backend.read(log_key(seq)), seq=seq)
+
+    def _write_checkpoint(self, state: RegistryState) -> None:
+        """Record ``state`` (which ends exactly at the boundary entry this writer created) as a checkpoint."""
+        with contextlib.suppress(StorageError, FormatError):
+            # Advisory: a failure costs readers a longer replay, never correctness.
+            self.backend.put_if_absent(checkpoint_key(state.seq), canonical.encode(state.to_dict()))
+            self.backend.put_overwrite(CHECKPOINT_POINTER_KEY, canonical.encode({"seq": state.seq}))
+
+    # -- reading entries for humans ---------------------------------------------------------------------------
+
+    def entries(self, *, since: int = 0) -> list[Entry]:
+        """Every log entry after ``since``, in order, verifying the chain from there.
+
+        Raises:
+            IntegrityError: the chain is broken.
+        """
+        out: list[Entry] = []
+        prev: Digest | None = None
+        seq = since
+        if since > 0:
+            prev = Digest.of(self.backend.read(log_key(since)))
+        while True:
+            seq += 1
+            try:
+                data = self.backend.read(log_key(seq))
+            except NotFoundError:
+                return out
+            entry = Entry.from_bytes(data, seq=seq)
+            if entry.prev != prev:
+                raise IntegrityError(
+                    f"registry log entry {seq} of {self.backend.url} does not chain to entry {seq - 1}",
+                    key=log_key(seq),
+                    store=self.backend.url,
+                )
+            out.append(entry)
+            prev = Digest.of(data)
+
+
+def _try_seq(key: str) -> int | None:
+    try:
+        return seq_from_key(key, CHECKPOINTS_PREFIX)
+    except FormatError:
+        return None

@@ -1,0 +1,767 @@
+"""The Store facade: save, load, list, best, tag, delete, diff over one store URL.
+
+Write order (DESIGN.md section 5): tensor, history and file blobs, then the manifest blob, then a check that every
+referenced blob exists with its size, then the registry publish. A crash at any point leaves either a complete,
+visible version or unreferenced blobs only. Reads go the other way: registry, manifest, blobs, each verified.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import canonical, model_types
+from .backend import Backend
+from .blobs import BlobStore
+from .codec import MaterializedBlob, PendingBlob, decode_state_dict, plan_state_dict
+from .config import MAX_MANIFEST_BYTES, StoreOptions, default_cache_dir
+from .digest import Descriptor, Digest
+from .errors import AmbiguousRefError, ConflictError, FormatError, NotFoundError, StorageError
+from .layout import MARKER_KEY
+from .manifest import (
+    FileEntry,
+    Manifest,
+    TrainingSummary,
+    capture_environment,
+    check_file_path,
+    check_name,
+    guess_media_type,
+    now,
+)
+from .query import MetricFilter, ModelRecord, Query, RecordTable, Ref, best
+from .registry import Change, Registry
+from .registry_state import Entry, RegistryState, VersionState
+
+STORE_FORMAT = 1
+_UNSET: Any = object()
+_HISTORY_LIMIT = MAX_MANIFEST_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class SavedModel:
+    """What a save published.
+
+    Attributes:
+        name, version, digest: the new version (``ref`` gives ``name@version``).
+        bytes_total: logical bytes of every blob the model references.
+        bytes_written: bytes this save actually wrote (blobs already present cost nothing).
+        blobs_total, blobs_written: the same, counted in blobs.
+    """
+
+    name: str
+    version: int
+    digest: Digest
+    bytes_total: int
+    bytes_written: int
+    blobs_total: int
+    blobs_written: int
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A version's record together with its full manifest."""
+
+    record: ModelRecord
+    manifest: Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDiff:
+    """How two versions' weights differ.
+
+    Attributes:
+        a, b: the refs compared (``name@version``).
+        changed: tensors in both whose value, dtype or shape differ.
+        added: tensors only in b.  removed: tensors only in a.  unchanged: tensors equal in both.
+        bytes_shared: bytes of b's blobs that a also references (stored once).
+        bytes_new: bytes of b's blobs that a does not reference.
+        metrics: ``{metric: (value in a, value in b)}`` for every metric either has.
+    """
+
+    a: str
+    b: str
+    changed: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    bytes_shared: int
+    bytes_new: int
+    metrics: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+
+class Store:
+    """A fracstore store at an fsspec URL. Open with :meth:`open`."""
+
+    def __init__(self, backend: Backend, *, store_id: str, options: StoreOptions) -> None:
+        self.backend = backend
+        self.id = store_id
+        self.options = options
+        cache_dir = options.cache_dir or default_cache_dir()
+        store_cache = cache_dir / "stores" / store_id
+        self.blobs = BlobStore(backend, verified_dir=store_cache / "verified" if backend.is_local else None)
+        self.registry = Registry(backend, options=options, state_cache=store_cache / "registry.msgpack")
+        self._manifests: dict[Digest, Manifest] = {}
+
+    @classmethod
+    def open(
+        cls,
+        url: str | os.PathLike[str],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        create: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        pack_threshold: int | None = None,
+        checkpoint_interval: int | None = None,
+        append_attempts: int | None = None,
+    ) -> Store:
+        """Open the store at ``url`` (a local folder, ``file://``, ``memory://``, ``s3://``, ``gs://`` ...).
+
+        Args:
+            url: where the store lives.
+            storage_options: passed to fsspec untouched (credentials, endpoint_url, ...).
+            create: create an empty store when there is none at ``url``.
+            cache_dir: the local cache folder (default: ``$FRACSTORE_CACHE_DIR`` or the XDG cache folder).
+            pack_threshold, checkpoint_interval, append_attempts: see :class:`~fracstore.config.StoreOptions`.
+
+        Raises:
+            NotFoundError: no store at ``url`` and ``create`` is False.
+            FormatError: something at ``url`` that is not a fracstore store, or a newer store format.
+            StorageError: the backend cannot be reached.
+        """
+        backend = Backend.from_url(os.fspath(url), storage_options=storage_options)
+        defaults = StoreOptions()
+        options = StoreOptions(
+            pack_threshold=defaults.pack_threshold if pack_threshold is None else pack_threshold,
+            checkpoint_interval=defaults.checkpoint_interval if checkpoint_interval is None else checkpoint_interval,
+            append_attempts=defaults.append_attempts if append_attempts is None else append_attempts,
+            cache_dir=None if cache_dir is None else Path(cache_dir),
+        )
+        return cls(backend, store_id=_open_marker(backend, create=create), options=options)
+
+    @property
+    def url(self) -> str:
+        """The store URL without credentials."""
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- save -------------------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        model: torch.nn.Module | Mapping[str, torch.Tensor],
+        *,
+        name: str,
+        model_type: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        history: Mapping[str, Any] | Sequence[Any] | None = None,
+        tags: Iterable[str] = (),
+        description: str = "",
+        training: TrainingSummary | Mapping[str, Any] | None = None,
+        parent: str | Digest | None = None,
+        files: Mapping[str, bytes | os.PathLike[str]] | None = None,
+        device: str | None = None,
+    ) -> SavedModel:
+        """Save a model as the next version of ``name``.
+
+        Args:
+            model: an ``nn.Module`` (its ``state_dict()`` is saved) or a state dict.
+            name: the model name (letters, digits, ``._-``).
+            model_type: the type used to rebuild it; default: the registered type of the module's class, else
+                the class name, else ``""``.
+            config: JSON-like constructor config, restored exactly on load.
+            metrics: ``{name: number}``, searchable and usable by :meth:`best`.
+            history: training history (e.g. ``{"loss": [...], "val_loss": [...]}``), stored as its own blob.
+            tags: descriptive labels (searchable with ``list(tags=...)``).
+            description: free text.
+            training: duration, epochs, steps, convergence, final/best losses.
+            parent: the model this one was fine-tuned from (a ref or digest).
+            files: extra artifacts, ``{relative path: bytes or local file}``.
+            device: the training device to record; default: the devices the tensors are on.
+
+        Returns:
+            the new version, with the bytes it wrote.
+
+        Raises:
+            FormatError: a bad name, a non-tensor in the state dict, config that cannot be stored (nothing is
+                written then).
+            NotFoundError: ``parent`` does not resolve.
+            StorageError: the backend failed (only unreferenced blobs can be left behind).
+        """
+        check_name(name)
+        if isinstance(model, torch.nn.Module):
+            state_dict: Mapping[str, Any] = model.state_dict()
+            if model_type is None:
+                model_type = model_types.type_name_of(model) or type(model).__name__
+        else:
+            state_dict = model
+        # Validate everything before the first byte is written, so a bad input leaves nothing behind.
+        plan = plan_state_dict(state_dict, pack_threshold=self.options.pack_threshold)
+        config_data = canonical.normalize(dict(config or {}), where="config")
+        metric_data = _check_metrics(metrics or {})
+        history_bytes = None if history is None else canonical.encode(history, where="history")
+        if history_bytes is not None and len(history_bytes) > _HISTORY_LIMIT:
+            raise FormatError(f"history is {len(history_bytes)} bytes encoded; the limit is {_HISTORY_LIMIT}")
+        summary = training if isinstance(training, TrainingSummary) else TrainingSummary.from_mapping(training or {})
+        file_data = _read_files(files or {})
+        parent_digest = None if parent is None else self._parent_digest(parent)
+        labels = tuple(dict.fromkeys(tags)) if not isinstance(tags, str) else (tags,)
+        environment = capture_environment(devices=[device] if device else list(plan.devices))
+
+        written = [0, 0]
+        hashed = self._write_tensor_blobs(plan.blobs, written)
+        tensors = plan.entries(hashed)
+        history_ref = None
+        if history_bytes is not None:
+            history_ref = self._put_counted(history_bytes, written)
+        file_entries = []
+        for path, data in file_data.items():
+            blob = self._put_counted(data, written)
+            file_entries.append(FileEntry(path, blob.digest, blob.size, guess_media_type(path)))
+        manifest = Manifest(
+            name=name,
+            model_type=model_type or "",
+            created_at=now(),
+            description=str(description),
+            labels=labels,
+            config=config_data if isinstance(config_data, dict) else {},
+            metrics=metric_data,
+            training=summary,
+            environment=environment,
+            parent=parent_digest,
+            tensors=tensors,
+            tensor_blobs=tuple(hashed[i][0] for i in range(len(plan.blobs))),
+            files=tuple(file_entries),
+            history=None if history_ref is None else history_ref.digest,
+            history_size=0 if history_ref is None else history_ref.size,
+        )
+        manifest_bytes = manifest.to_bytes()
+        manifest_ref = self._put_counted(manifest_bytes, written)
+        self._manifests[manifest_ref.digest] = manifest
+        self._confirm(manifest)
+        version = self._publish(name, manifest_ref.digest)
+        references = manifest.references()
+        return SavedModel(
+            name=name,
+            version=version,
+            digest=manifest_ref.digest,
+            bytes_total=sum(d.size for d in references) + manifest_ref.size,
+            bytes_written=written[0],
+            blobs_total=len(references) + 1,
+            blobs_written=written[1],
+        )
+
+    def _write_tensor_blobs(
+        self, pending: Sequence[PendingBlob], written: list[int]
+    ) -> dict[int, tuple[Descriptor, Mapping[str, Digest]]]:
+        """Hash and write every tensor blob; two or more at a time, since hashing and writing both release the GIL."""
+
+        def work(index: int) -> tuple[int, Descriptor, Mapping[str, Digest], bool]:
+            materialized: MaterializedBlob = pending[index].materialize()
+            descriptor, members = materialized.hash()
+            created = self.blobs.put(descriptor, materialized.chunks)
+            return index, descriptor, members, created
+
+        results: dict[int, tuple[Descriptor, Mapping[str, Digest]]] = {}
+        workers = max(2, min(8, os.cpu_count() or 2))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fracstore-save") as pool:
+            # Biggest first, so one huge tensor does not start last and serialise the tail.
+            order = sorted(range(len(pending)), key=lambda i: -pending[i].size)
+            for index, descriptor, members, created in pool.map(work, order):
+                results[index] = (descriptor, members)
+                if created:
+                    written[0] += descriptor.size
+                    written[1] += 1
+        return results
+
+    def _put_counted(self, data: bytes, written: list[int]) -> Descriptor:
+        descriptor, created = self.blobs.put_bytes(data)
+        if created:
+            written[0] += descriptor.size
+            written[1] += 1
+        return descriptor
+
+    def _confirm(self, manifest: Manifest) -> None:
+        # DESIGN.md section 5: a log entry must never point at missing data, even if a blob we skipped because it
+        # existed was removed meanwhile (a concurrent gc, a damaged store).
+        missing = [d for d in manifest.references() if not self.blobs.has(d)]
+        if missing:
+            raise StorageError(
+                f"{len(missing)} blob(s) of the new manifest are missing from {self.url} after writing "
+                f"(first: {missing[0].digest}); nothing was published. Run the save again.",
+                store=self.url,
+            )
+
+    def _publish(self, name: str, manifest: Digest) -> int:
+        def decide(state: RegistryState) -> Change | None:
+            named = state.names.get(name)
+            if named is not None and any(v.manifest == manifest for v in named.live()):
+                return None  # already published (a retried save, or a push of a version the store has)
+            return Change("publish", name=name, manifest=manifest)
+
+        _, state = self.registry.append(decide)
+        named = state.names[name]
+        for version in reversed(named.live()):
+            if version.manifest == manifest:
+                return version.version
+        raise ConflictError(f"the publish of {name} was applied but its version is gone (deleted meanwhile?)")
+
+    def _parent_digest(self, parent: str | Digest) -> Digest:
+        if isinstance(parent, Digest):
+            return parent
+        _, version = self._resolve(Ref.parse(parent), self.registry.refresh())
+        return version.manifest
+
+    # -- resolve ----------------------------------------------------------------------------------------------
+
+    def _resolve(self, ref: Ref, state: RegistryState) -> tuple[str, VersionState]:
+        if ref.digest_prefix is not None:
+            return self._resolve_digest(ref.text, ref.digest_prefix, state)
+        assert ref.name is not None  # Ref.parse sets a name for every non-digest ref
+        named = state.names.get(ref.name)
+        live = named.live() if named is not None else []
+        if not live:
+            if ref.bare_digest_prefix is not None:
+                return self._resolve_digest(ref.text, ref.bare_digest_prefix, state)
+            raise self._unknown_name(ref.name, state)
+        assert named is not None
+        if ref.version is not None:
+            version = named.get(ref.version)
+            if version is None or version.deleted:
+                state_word = "was deleted" if version is not None else "does not exist"
+                raise NotFoundError(
+                    f"{ref.name}@{ref.version} {state_word} in {self.url}; live versions: "
+                    f"{', '.join(str(v.version) for v in live)}",
+                    what=ref.text,
+                    store=self.url,
+                )
+            return ref.name, version
+        if ref.tag is not None:
+            target = named.tags.get(ref.tag)
+            if target is None:
+                known = ", ".join(sorted(named.tags)) or "none"
+                raise NotFoundError(
+                    f"{ref.name} has no tag {ref.tag!r} in {self.url} (tags: {known})", what=ref.text, store=self.url
+                )
+            version = named.get(target)
+            assert version is not None  # replay keeps tags only on live versions
+            return ref.name, version
+        return ref.name, live[-1]
+
+    def _resolve_digest(self, text: str, prefix: str, state: RegistryState) -> tuple[str, VersionState]:
+        matches = [
+            (name, v) for name, named in state.names.items() for v in named.live() if v.manifest.hex.startswith(prefix)
+        ]
+        if not matches:
+            raise NotFoundError(
+                f"no live model in {self.url} has a digest starting {prefix}", what=text, store=self.url
+            )
+        if len({v.manifest for _, v in matches}) > 1:
+            raise AmbiguousRefError(text, [f"{n}@{v.version} ({v.manifest})" for n, v in matches])
+        return max(matches, key=lambda m: m[1].seq)
+
+    def _unknown_name(self, name: str, state: RegistryState) -> NotFoundError:
+        live = [n for n, s in state.names.items() if s.live()]
+        close = difflib.get_close_matches(name, live, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(live)} model name(s) exist (list them)"
+        return NotFoundError(f"no model named {name!r} in {self.url}{hint}", what=name, store=self.url)
+
+    def resolve(self, ref: str) -> ModelRecord:
+        """The live version ``ref`` names.
+
+        Raises:
+            FormatError: ``ref`` is not a valid ref.
+            NotFoundError: nothing matches.
+            AmbiguousRefError: a digest prefix matches several models (the error lists them).
+        """
+        state = self.registry.refresh()
+        name, version = self._resolve(Ref.parse(ref), state)
+        return self._record(name, version, state)
+
+    def manifest(self, digest: Digest) -> Manifest:
+        """The verified manifest with that digest (immutable, so remembered for the life of this object).
+
+        Raises:
+            NotFoundError, IntegrityError, FormatError: missing, corrupt or undecodable.
+        """
+        cached = self._manifests.get(digest)
+        if cached is not None:
+            return cached
+        manifest = Manifest.from_bytes(self.blobs.get_unsized(digest, max_bytes=MAX_MANIFEST_BYTES))
+        self._manifests[digest] = manifest
+        return manifest
+
+    def _record(self, name: str, version: VersionState, state: RegistryState) -> ModelRecord:
+        manifest = self.manifest(version.manifest)
+        tags = tuple(sorted(t for t, v in state.names[name].tags.items() if v == version.version))
+        return ModelRecord(
+            name=name,
+            version=version.version,
+            digest=version.manifest,
+            seq=version.seq,
+            published_at=version.time,
+            model_type=manifest.model_type,
+            created_at=manifest.created_at,
+            description=manifest.description,
+            labels=manifest.labels,
+            tags=tags,
+            metrics=manifest.metrics,
+            training=manifest.training,
+            parent=manifest.parent,
+            size=sum(t.size for t in manifest.tensors if t.alias is None),
+            tensor_count=len(manifest.tensors),
+            config=manifest.config,
+        )
+
+    # -- load -------------------------------------------------------------------------------------------------
+
+    def load(
+        self,
+        ref: str,
+        *,
+        device: str | torch.device | None = None,
+        into: torch.nn.Module | None = None,
+        strict: bool = True,
+    ) -> Any:
+        """Load a version's weights.
+
+        From a local store the tensors are memory-mapped from the blob files (zero-copy, copy-on-write), after a
+        stat check against the verified-state record (a changed file is re-hashed).
+
+        Args:
+            ref: ``name``, ``name@3``, ``name:tag``, or a digest (prefix).
+            device: move the tensors there (``"cuda"``, ``"cuda:1"``, ``"mps"``); None keeps them on the CPU.
+            into: a module to fill; it is moved to ``device`` when one is given, and returned.
+            strict: with ``into``, require exactly the module's keys and shapes.
+
+        Returns:
+            the state dict (tied tensors are the same object again), or ``into`` filled.
+
+        Raises:
+            NotFoundError, AmbiguousRefError, FormatError: the ref does not name one live version.
+            IntegrityError: a blob is corrupt.
+            FormatError: with ``strict``, the weights do not fit the module (the message lists the keys).
+        """
+        return self._load(self.resolve(ref), device=device, into=into, strict=strict)
+
+    def _load(
+        self, record: ModelRecord, *, device: str | torch.device | None, into: torch.nn.Module | None, strict: bool
+    ) -> Any:
+        manifest = self.manifest(record.digest)
+        state_dict = decode_state_dict(
+            manifest.tensors, manifest.tensor_blob_sizes(), self._blob_source, device=device if into is None else None
+        )
+        if into is None:
+            return state_dict
+        if strict:
+            _check_fits(into, state_dict, record.ref)
+        if device is not None:
+            into.to(device)
+        into.load_state_dict(state_dict, strict=strict)
+        return into
+
+    def load_model(self, ref: str, *, device: str | torch.device | None = None, strict: bool = True) -> torch.nn.Module:
+        """Build a module of the version's registered model type from its config, then load its weights.
+
+        Raises:
+            NotFoundError: the model type is not registered (see :func:`fracstore.register_model_type`).
+            as :meth:`load`.
+        """
+        record = self.resolve(ref)
+        module = model_types.build(record.model_type, record.config)
+        if not isinstance(module, torch.nn.Module):
+            raise FormatError(f"model type {record.model_type!r} built a {type(module).__name__}, not an nn.Module")
+        return self._load(record, device=device, into=module, strict=strict)  # type: ignore[no-any-return]
+
+    def _blob_source(self, descriptor: Descriptor) -> Path | bytes:
+        path = self.blobs.local_file(descriptor)
+        return path if path is not None else self.blobs.get(descriptor)
+
+    def history(self, ref: str) -> Any:
+        """The training history saved with a version, or None.
+
+        Raises:
+            as :meth:`resolve`; IntegrityError for a corrupt history blob.
+        """
+        manifest = self.manifest(self.resolve(ref).digest)
+        if manifest.history is None:
+            return None
+        data = self.blobs.get(Descriptor(manifest.history, manifest.history_size))
+        return canonical.decode(data, what="history", max_bytes=_HISTORY_LIMIT)
+
+    def read_file(self, ref: str, path: str) -> bytes:
+        """The bytes of an artifact file saved with a version.
+
+        Raises:
+            NotFoundError: no such file (the message lists the files).
+        """
+        manifest = self.manifest(self.resolve(ref).digest)
+        for entry in manifest.files:
+            if entry.path == path:
+                return self.blobs.get(Descriptor(entry.blob, entry.size))
+        listing = ", ".join(f.path for f in manifest.files) or "none"
+        raise NotFoundError(f"{ref} has no file {path!r} (files: {listing})", what=path, store=self.url)
+
+    def info(self, ref: str) -> ModelInfo:
+        """A version's record and full manifest."""
+        record = self.resolve(ref)
+        return ModelInfo(record, self.manifest(record.digest))
+
+    # -- find -------------------------------------------------------------------------------------------------
+
+    def list(
+        self,
+        name: str | None = None,
+        *,
+        model_type: str | None = None,
+        tags: Iterable[str] = (),
+        where: Iterable[str | MetricFilter] = (),
+        latest_only: bool = False,
+    ) -> RecordTable:
+        """Live versions matching every given condition, oldest publish first.
+
+        Args:
+            name: exact model name.
+            model_type: exact model type.
+            tags: each must be a label saved with the version or a registry tag pointing at it.
+            where: metric thresholds such as ``"val_loss<0.1"``.
+            latest_only: only the newest live version of each name.
+
+        Raises:
+            FormatError: a malformed filter.
+        """
+        query = Query(
+            name=name,
+            model_type=model_type,
+            tags=tuple(tags),
+            where=tuple(w if isinstance(w, MetricFilter) else MetricFilter.parse(w) for w in where),
+        )
+        state = self.registry.refresh()
+        records = []
+        for model_name, named in state.names.items():
+            if query.name is not None and model_name != query.name:
+                continue
+            live = named.live()
+            for version in live[-1:] if latest_only else live:
+                record = self._record(model_name, version, state)
+                if query.matches(record):
+                    records.append(record)
+        records.sort(key=lambda r: r.seq)
+        return RecordTable(records)
+
+    def best(
+        self,
+        metric: str,
+        *,
+        mode: str | None = None,
+        name: str | None = None,
+        model_type: str | None = None,
+        tags: Iterable[str] = (),
+        where: Iterable[str | MetricFilter] = (),
+    ) -> ModelRecord | None:
+        """The live version with the best ``metric`` among those matching the filters; None when none has it.
+
+        ``mode`` is ``"min"`` or ``"max"``; by default losses, errors and durations are minimised and anything else
+        maximised. Ties go to the newest version.
+        """
+        return best(self.list(name, model_type=model_type, tags=tags, where=where), metric, mode=mode)
+
+    def log(self, name: str | None = None) -> builtins.list[Entry]:
+        """Registry entries, oldest first, optionally only those about ``name``."""
+        entries = self.registry.entries()
+        return entries if name is None else [e for e in entries if e.name == name]
+
+    def diff(self, a: str, b: str) -> ModelDiff:
+        """Compare the weights and metrics of two versions."""
+        ra, rb = self.resolve(a), self.resolve(b)
+        ma, mb = self.manifest(ra.digest), self.manifest(rb.digest)
+        ta = {t.name: (t.digest, t.dtype, t.shape) for t in ma.tensors}
+        tb = {t.name: (t.digest, t.dtype, t.shape) for t in mb.tensors}
+        blobs_a = {d.digest for d in ma.references()}
+        shared = sum(d.size for d in mb.references() if d.digest in blobs_a)
+        new = sum(d.size for d in mb.references() if d.digest not in blobs_a)
+        metrics = {m: (ra.metric(m), rb.metric(m)) for m in sorted(set(ma.metrics) | set(mb.metrics))}
+        return ModelDiff(
+            a=ra.ref,
+            b=rb.ref,
+            changed=tuple(n for n in tb if n in ta and ta[n] != tb[n]),
+            added=tuple(n for n in tb if n not in ta),
+            removed=tuple(n for n in ta if n not in tb),
+            unchanged=tuple(n for n in tb if n in ta and ta[n] == tb[n]),
+            bytes_shared=shared,
+            bytes_new=new,
+            metrics=metrics,
+        )
+
+    # -- change the registry ----------------------------------------------------------------------------------
+
+    def tag(self, ref: str, tag: str, *, expected: int | None = _UNSET) -> ModelRecord:
+        """Point ``tag`` of the ref's name at the ref's version (creating or moving it).
+
+        Args:
+            ref: the version to tag; resolved at the registry tip, so ``name`` means the newest version then.
+            tag: the tag name (letters, digits, ``._-``).
+            expected: compare-and-set: the version the tag must point at now, or None for "must not exist".
+                Leave it out to move the tag unconditionally.
+
+        Returns:
+            the tagged version.
+
+        Raises:
+            ConflictError: ``expected`` does not match the tag's current target.
+        """
+        check_name(tag, what="tag")
+        parsed = Ref.parse(ref)
+        chosen: list[str] = []
+
+        def decide(state: RegistryState) -> Change | None:
+            name, version = self._resolve(parsed, state)
+            chosen[:] = [name]
+            current = state.names[name].tags.get(tag)
+            if expected is not _UNSET and current != expected:
+                raise ConflictError(
+                    f"tag {name}:{tag} points at {current if current is not None else 'nothing'}, not {expected}; "
+                    "re-read it and try again"
+                )
+            if current == version.version:
+                return None
+            return Change("tag", name=name, tag=tag, version=version.version)
+
+        _, state = self.registry.append(decide)
+        name, version = self._resolve(Ref(f"{chosen[0]}:{tag}", name=chosen[0], tag=tag), state)
+        return self._record(name, version, state)
+
+    def untag(self, name: str, tag: str) -> None:
+        """Remove ``tag`` from ``name``.
+
+        Raises:
+            NotFoundError: the name has no such tag.
+        """
+        check_name(name)
+        check_name(tag, what="tag")
+
+        def decide(state: RegistryState) -> Change | None:
+            named = state.names.get(name)
+            if named is None or tag not in named.tags:
+                raise NotFoundError(f"{name} has no tag {tag!r} in {self.url}", what=f"{name}:{tag}", store=self.url)
+            return Change("untag", name=name, tag=tag)
+
+        self.registry.append(decide)
+
+    def delete(self, ref: str, *, all_versions: bool = False) -> builtins.list[str]:
+        """Delete the version ``ref`` names, or with ``all_versions`` every version of its name.
+
+        A delete is a tombstone in the registry: the version disappears from list, load and best at once; its
+        blobs stay until garbage collection reclaims those no live version references.
+
+        Returns:
+            the refs deleted (``name@version``).
+        """
+        parsed = Ref.parse(ref)
+        deleted: list[str] = []
+
+        def decide(state: RegistryState) -> Change | None:
+            name, version = self._resolve(parsed, state)
+            deleted.clear()
+            if all_versions:
+                deleted.extend(f"{name}@{v.version}" for v in state.names[name].live())
+                return Change("delete", name=name)
+            deleted.append(f"{name}@{version.version}")
+            return Change("delete", name=name, version=version.version)
+
+        self.registry.append(decide)
+        return list(deleted)
+
+
+def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise FormatError(f"metric names must be non-empty strings, not {key!r}")
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            raise FormatError(f"metric {key!r} must be a number, not {value!r}") from None
+        if isinstance(value, bool):
+            raise FormatError(f"metric {key!r} must be a number, not a bool")
+    return out
+
+
+def _read_files(files: Mapping[str, bytes | os.PathLike[str]]) -> dict[str, bytes]:
+    out = {}
+    for path, source in files.items():
+        check_file_path(path)
+        if isinstance(source, bytes | bytearray | memoryview):
+            out[path] = bytes(source)
+        elif isinstance(source, os.PathLike | str):
+            try:
+                out[path] = Path(source).read_bytes()
+            except OSError as exc:
+                raise NotFoundError(f"cannot read file {source!s} for {path!r}: {exc}", what=str(source)) from exc
+        else:
+            raise FormatError(f"file {path!r} must be bytes or a local path, not {type(source).__name__}")
+    return out
+
+
+def _check_fits(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], ref: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: saved {tuple(state_dict[k].shape)}, module {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing from {ref}: {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"not in the module: {', '.join(unexpected[:10])}")
+        if mismatched:
+            parts.append(f"shape mismatch: {'; '.join(mismatched[:10])}")
+        raise FormatError(
+            f"the weights of {ref} do not fit {type(module).__name__} ({'; '.join(parts)}); pass strict=False to "
+            "load what matches"
+        )
+
+
+def _open_marker(backend: Backend, *, create: bool) -> str:
+    """Read (or create) the store marker and return the store id."""
+    try:
+        data = backend.read(MARKER_KEY)
+    except NotFoundError:
+        if not create:
+            raise NotFoundError(
+                f"there is no fracstore store at {backend.url}; create one with Store.open(url) (create=True) or "
+                "`fracstore init`",
+                what=backend.url,
+                store=backend.url,
+            ) from None
+        marker = {"format": STORE_FORMAT, "store_id": str(uuid.uuid4()), "created_at": now()}
+        backend.put_if_absent(MARKER_KEY, canonical.encode(marker))
+        data = backend.read(MARKER_KEY)  # whoever created it first wins; everyone uses that id
+    try:
+        raw = canonical.decode(data, what=f"store marker of {backend.url}", max_bytes=4096)
+        if not isinstance(raw, dict) or raw.get("format", 0) > STORE_FORMAT:
+            raise FormatError(f"{backend.url} is a store of a newer format than this fracstore reads; upgrade")
+        store_id = str(uuid.UUID(str(raw["store_id"])))
+    except (KeyError, ValueError) as exc:
+        raise FormatError(f"{backend.url}/{MARKER_KEY} is not a fracstore store marker: {exc}") from exc
+    return store_id
