@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
+import safetensors
 import torch
 from safetensors import safe_open
 
@@ -336,6 +336,16 @@ def decode_state_dict(
     return out
 
 
+def _from_raw(info: Mapping[str, Any]) -> torch.Tensor:
+    dtype = ST_TO_TORCH.get(info["dtype"])
+    if dtype is None:
+        raise FormatError(f"unsupported safetensors dtype {info['dtype']!r}")
+    data, shape = info["data"], tuple(info["shape"])
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
 def _read_members(blob: Digest, where: Path | bytes, keys: list[str]) -> list[torch.Tensor]:
     try:
         if isinstance(where, Path):
@@ -346,7 +356,10 @@ def _read_members(blob: Digest, where: Path | bytes, keys: list[str]) -> list[to
                 if missing:
                     raise FormatError(f"blob {blob} has no tensor under {missing[0]!r}: the manifest and blob disagree")
                 return [handle.get_tensor(key) for key in keys]
-        tensors = safetensors.torch.load(where)
+        # safetensors.torch.load lacks some dtypes (F8_E8M0 in 0.8); the Rust deserializer validates the header
+        # and hands back raw bytes, and the dtype table here is the one the writer used.
+        wanted = set(keys)
+        tensors = {name: _from_raw(info) for name, info in safetensors.deserialize(where) if name in wanted}
     except FormatError:
         raise
     except Exception as exc:  # safetensors raises SafetensorError (header, offsets, dtype) for a malformed file
