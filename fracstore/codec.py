@@ -359,7 +359,8 @@ def _read_members(blob: Digest, where: Path | bytes, keys: list[str]) -> list[to
         # safetensors.torch.load lacks some dtypes (F8_E8M0 in 0.8); the Rust deserializer validates the header
         # and hands back raw bytes, and the dtype table here is the one the writer used.
         wanted = set(keys)
-        tensors = {name: _from_raw(info) for name, info in safetensors.deserialize(where) if name in wanted}
+        raw = safetensors.deserialize(where)  # type: ignore[no-untyped-call]  # (the binding ships no stubs)
+        tensors = {name: _from_raw(info) for name, info in raw if name in wanted}
     except FormatError:
         raise
     except Exception as exc:  # safetensors raises SafetensorError (header, offsets, dtype) for a malformed file
