@@ -40,4 +40,3 @@ def store_path(tmp_path: Path) -> Path:
 def store(store_path: Path) -> Iterator[Store]:
     """A fresh local store."""
     yield Store.open(store_path)
-
