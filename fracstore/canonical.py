@@ -45,12 +45,12 @@ def normalize(value: Any, *, where: str = "value") -> JSONLike:
         return out
     if isinstance(value, list | tuple):
         return [normalize(item, where=f"{where}[{i}]") for i, item in enumerate(value)]
-    # numpy / torch scalars are common in configs and metrics; accept them as the Python number they hold.
-    item = getattr(value, "item", None)
-    if callable(item) and getattr(value, "ndim", 0) == 0 and getattr(value, "shape", ()) in ((), None):
-        scalar = item()
-        if isinstance(scalar, bool | int | float):
-            return normalize(scalar, where=where)
+    # numpy / torch scalars and small arrays are common in configs, metrics and histories; store them as the
+    # Python numbers and lists they hold.
+    if hasattr(value, "tolist") and hasattr(value, "ndim") and hasattr(value, "dtype"):
+        plain = value.tolist()
+        if isinstance(plain, bool | int | float | list):
+            return normalize(plain, where=where)
     raise FormatError(
         f"{where}: {type(value).__name__} cannot be stored; use None, bool, int, float, str, bytes, lists and "
         "dicts with string keys"

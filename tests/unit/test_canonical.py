@@ -51,8 +51,11 @@ def test_str_and_bytes_are_distinct() -> None:
     assert canonical.encode((1, 2)) == canonical.encode([1, 2])
 
 
-def test_numpy_and_torch_scalars_become_numbers() -> None:
+def test_numpy_and_torch_scalars_and_arrays_become_numbers_and_lists() -> None:
     assert canonical.encode({"lr": np.float32(0.5), "n": torch.tensor(3)}) == canonical.encode({"lr": 0.5, "n": 3})
+    assert canonical.encode({"loss": np.array([1.0, 0.5]), "t": torch.tensor([[1, 2]])}) == canonical.encode(
+        {"loss": [1.0, 0.5], "t": [[1, 2]]}
+    )
 
 
 @pytest.mark.parametrize(
