@@ -116,11 +116,21 @@ class Backend:
 
     def local_path(self, key: str) -> Path | None:
         """The file holding ``key`` on a local backend, else None."""
-        return None if self._local_root is None else self._local_root / key
+        return None if self._local_root is None else self._local_root / self._check_key(key)
+
+    def _check_key(self, key: str) -> str:
+        # Keys come from fracstore itself, but a key must never climb out of the store, whatever produced it.
+        parts = key.split("/") if isinstance(key, str) else [""]
+        if not key or any(part in ("", ".", "..") for part in parts) or "\x00" in key:
+            raise StorageError(f"invalid key {key!r}", key=str(key), store=self.url)
+        return key
+
+    def _local(self, key: str) -> Path:
+        assert self._local_root is not None  # callers check is_local first
+        return self._local_root / self._check_key(key)
 
     def _path(self, key: str) -> str:
-        if not key or key.startswith("/") or ".." in key.split("/"):
-            raise StorageError(f"invalid key {key!r}", key=key, store=self.url)
+        self._check_key(key)
         return f"{self.root}/{key}" if self.root != "/" else f"/{key}"
 
     @contextlib.contextmanager
@@ -174,7 +184,7 @@ class Backend:
         with self._translate(key, "stat"):
             if self._local_root is not None:
                 # Direct stat: LocalFileSystem.info follows the same path but costs several times more per call.
-                return os.stat(self._local_root / key).st_size
+                return os.stat(self._local(key)).st_size
             return int(self.fs.info(self._path(key))["size"])
 
     def exists(self, key: str) -> bool:
@@ -219,7 +229,7 @@ class Backend:
         """
         with self._translate(key, "create"):
             if self._local_root is not None:
-                return self._local_put_if_absent(self._local_root / key, data)
+                return self._local_put_if_absent(self._local(key), data)
             path = self._path(key)
             if isinstance(self.fs, MemoryFileSystem):
                 with _memory_lock:
@@ -238,7 +248,7 @@ class Backend:
         """Write ``key``, replacing any previous content atomically. Only for advisory metadata (DESIGN.md 2)."""
         with self._translate(key, "write"):
             if self._local_root is not None:
-                final = self._local_root / key
+                final = self._local(key)
                 tmp = self._local_write_temp(final, data, mode=0o644)
                 try:
                     os.replace(tmp, final)
@@ -254,7 +264,7 @@ class Backend:
         with self._translate(key, "delete"):
             if self._local_root is not None:
                 try:
-                    os.unlink(self._local_root / key)
+                    os.unlink(self._local(key))
                 except FileNotFoundError:
                     return False
                 return True

@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from stat import S_ISREG
 
 import msgpack
 
@@ -35,7 +36,9 @@ def hash_file(path: Path) -> tuple[Digest, int]:
     size = 0
     buffer = bytearray(_HASH_CHUNK)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
+    # O_NOFOLLOW: a blob file is never a symlink in a store fracstore wrote; one planted there is not followed.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb", buffering=0) as handle:
         while count := handle.readinto(buffer):
             hasher.update(view[:count])
             size += count
@@ -142,21 +145,30 @@ class BlobStore:
         path = self.backend.local_path(blob_key(descriptor.digest))
         if path is None:
             return None
+        stat = self._lstat_regular(descriptor, path)
+        if stat.st_size != descriptor.size:
+            self._check(descriptor, None, stat.st_size)
+        if self._read_record(descriptor.digest) != _identity(stat):
+            self._hash_and_record(descriptor, path, stat)
+        return path
+
+    def _lstat_regular(self, descriptor: Descriptor, path: Path) -> os.stat_result:
         try:
-            stat = os.stat(path)
+            stat = os.lstat(path)
         except FileNotFoundError as exc:
             raise NotFoundError(
                 f"blob {descriptor.digest} is missing from {self.backend.url}; the store is damaged",
                 what=str(descriptor.digest),
                 store=self.backend.url,
             ) from exc
-        if stat.st_size != descriptor.size:
-            self._check(descriptor, None, stat.st_size)
-        if self._read_record(descriptor.digest) != _identity(stat):
-            digest, size = hash_file(path)
-            self._check(descriptor, digest, size)
-            self._record_verified(descriptor.digest)
-        return path
+        if not S_ISREG(stat.st_mode):
+            raise IntegrityError(
+                f"blob {descriptor.digest} in {self.backend.url} is not a regular file (a symlink?); fracstore does "
+                "not follow links inside a store. Replace it with the real blob file",
+                key=blob_key(descriptor.digest),
+                store=self.backend.url,
+            )
+        return stat
 
     def verify(self, descriptor: Descriptor) -> None:
         """Re-hash the blob's stored bytes, ignoring any verified-state record.
@@ -167,14 +179,15 @@ class BlobStore:
         path = self.backend.local_path(blob_key(descriptor.digest))
         if path is None:
             self.get(descriptor)
-            return
-        if not path.exists():
-            raise NotFoundError(
-                f"blob {descriptor.digest} is missing from {self.backend.url}", what=str(descriptor.digest)
-            )
+        else:
+            self._hash_and_record(descriptor, path, self._lstat_regular(descriptor, path))
+
+    def _hash_and_record(self, descriptor: Descriptor, path: Path, stat: os.stat_result) -> None:
         digest, size = hash_file(path)
         self._check(descriptor, digest, size)
-        self._record_verified(descriptor.digest)
+        # Record the identity the hash belongs to, and only if the file did not change while it was hashed.
+        if _identity(self._lstat_regular(descriptor, path)) == _identity(stat):
+            self._write_record(descriptor.digest, _identity(stat))
 
     def digests(self) -> Iterator[Digest]:
         """Every blob digest present in the store (malformed keys are skipped: they are not blobs)."""
@@ -219,12 +232,16 @@ class BlobStore:
         return tuple(value) if isinstance(value, list) else None
 
     def _record_verified(self, digest: Digest) -> None:
-        record = self._record_path(digest)
+        """Record the current identity of a blob file this process just wrote (so its bytes are known good)."""
         path = self.backend.local_path(blob_key(digest))
-        if record is None or path is None:
+        if path is not None and self._record_path(digest) is not None:
+            self._write_record(digest, _identity(os.lstat(path)))
+
+    def _write_record(self, digest: Digest, identity: tuple[int, ...]) -> None:
+        record = self._record_path(digest)
+        if record is None:
             return
         try:
-            identity = _identity(os.stat(path))
             record.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as handle:

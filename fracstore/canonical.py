@@ -72,8 +72,35 @@ def encode(value: Any, *, where: str = "value") -> bytes:
     Raises:
         FormatError: see :func:`normalize`.
     """
-    data: bytes = msgpack.packb(normalize(value, where=where), use_bin_type=True, use_single_float=False)
+    try:
+        data: bytes = msgpack.packb(normalize(value, where=where), use_bin_type=True, use_single_float=False)
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{where}: a string is not valid Unicode (lone surrogate?): {exc}") from exc
     return data
+
+
+def _refuse_timestamp(value: Any) -> None:
+    # msgpack decodes its timestamp extension (ext -1) itself, before any ext_hook sees it.
+    if isinstance(value, msgpack.Timestamp):
+        raise FormatError("msgpack ext type -1 (timestamp) is not allowed in fracstore objects")
+
+
+def _strict_list(items: list[Any]) -> list[Any]:
+    for item in items:
+        _refuse_timestamp(item)
+    return items
+
+
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        _refuse_timestamp(value)
+        if not isinstance(key, str):
+            raise FormatError(f"map keys must be strings, not {type(key).__name__}")
+        if key in out:
+            raise FormatError(f"duplicate map key {key!r}")
+        out[key] = value
+    return out
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -89,8 +116,17 @@ def decode(data: bytes, *, what: str, max_bytes: int) -> Any:
     if len(data) > max_bytes:
         raise FormatError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=0)
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            object_pairs_hook=_strict_map,
+            list_hook=_strict_list,
+        )
     except FormatError:
         raise
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise FormatError(f"{what} is not valid msgpack: {exc}") from exc
+    _refuse_timestamp(value)
+    return value

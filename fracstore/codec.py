@@ -6,8 +6,8 @@ Terms:
   digest depends only on dtype, shape and bytes: a renamed layer still dedups. Used for tensors of at least
   ``pack_threshold`` bytes.
 * *packed blob*: one safetensors file per save holding every smaller tensor under its own name, in safetensors'
-  own order (dtype alignment descending, then name), so dedup by bytes stays near perfect while object counts stay
-  low.
+  own order (its dtype rank descending, which puts wider types first and keeps every tensor aligned, then name),
+  so dedup by bytes stays near perfect while object counts stay low.
 * *tensor digest*: the digest the tensor's own single-tensor blob has (or would have, for a packed tensor). It
   identifies the tensor's value wherever it is stored and lets ``diff`` compare packed tensors too.
 * *alias*: a state-dict entry that shares storage with an earlier one (tied weights); stored once, and restored as
@@ -220,6 +220,10 @@ class StateDictPlan:
 def _check_tensor(name: Any, value: Any) -> str:
     if not isinstance(name, str) or not name:
         raise FormatError(f"state dict keys must be non-empty strings, not {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"state dict key {name!r} is not valid Unicode (a lone surrogate)") from None
     if name == "__metadata__":
         raise FormatError("a tensor cannot be named '__metadata__' (the name is reserved by safetensors); rename it")
     if not isinstance(value, torch.Tensor):

@@ -30,7 +30,8 @@ from .errors import FormatError
 
 SCHEMA = 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-LABEL_RE = re.compile(r"[^\s,][^,]{0,127}")
+LABEL_RE = re.compile(r"[^\s,\x00-\x1f\x7f]([^,\x00-\x1f\x7f]{0,126}[^\s,\x00-\x1f\x7f])?")
+RESERVED_NAMES = frozenset({"sha256"})  # "sha256:..." is a digest ref, so a model of that name could not be tagged
 
 
 def check_name(name: str, *, what: str = "model name") -> str:
@@ -43,6 +44,8 @@ def check_name(name: str, *, what: str = "model name") -> str:
         raise FormatError(
             f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
+    if name in RESERVED_NAMES:
+        raise FormatError(f"{name!r} is reserved (it starts digest refs); choose another {what}")
     return name
 
 
@@ -115,6 +118,21 @@ class TrainingSummary:
     best_loss: float | None = None
     best_val_loss: float | None = None
 
+    def __post_init__(self) -> None:
+        # Coerce numbers so the encoded form does not depend on whether the caller passed 3 or 3.0 (float64 always).
+        for name in ("duration_s", "final_loss", "best_loss", "best_val_loss"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise FormatError(f"training summary {name} must be a number, not {value!r}")
+                object.__setattr__(self, name, float(value))
+        for name in ("epochs", "steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise FormatError(f"training summary {name} must be a count (int >= 0), not {value!r}")
+        if self.converged is not None and not isinstance(self.converged, bool):
+            raise FormatError(f"training summary converged must be True or False, not {self.converged!r}")
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> TrainingSummary:
         """Build from a dict; unknown keys are an error here (user input), unlike when decoding."""
@@ -174,13 +192,20 @@ class Manifest:
         parse_time(self.created_at)
         for label in self.labels:
             if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
-                raise FormatError(f"invalid tag {label!r}: tags are 1-128 characters, no commas or leading space")
+                raise FormatError(
+                    f"invalid tag {label!r}: tags are 1-128 printable characters, no commas, no leading or trailing "
+                    "space"
+                )
         for key, value in self.metrics.items():
             if not isinstance(key, str) or not isinstance(value, int | float) or isinstance(value, bool):
                 raise FormatError(f"metric {key!r} must map a name to a number, not {value!r}")
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             raise FormatError("duplicate tensor names in manifest")
+        stored = {t.name for t in self.tensors if t.alias is None}
+        for entry in self.tensors:
+            if entry.alias is not None and entry.alias not in stored:
+                raise FormatError(f"tensor {entry.name!r} is an alias of {entry.alias!r}, which is not a stored tensor")
         blobs = {d.digest for d in self.tensor_blobs}
         missing = {t.blob for t in self.tensors} - blobs
         if missing:
@@ -244,7 +269,9 @@ class Manifest:
             raise FormatError("manifest is not a map")
         try:
             schema = raw["schema"]
-            if not isinstance(schema, int) or schema > SCHEMA:
+            if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
+                raise FormatError(f"manifest schema must be a positive integer, not {schema!r}")
+            if schema > SCHEMA:
                 raise FormatError(
                     f"manifest schema {schema!r} is newer than this fracstore understands ({SCHEMA}); upgrade fracstore"
                 )

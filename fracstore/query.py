@@ -68,7 +68,7 @@ class Ref:
                 name, _, version = text.partition("@")
                 if version == "latest":
                     return cls(text, name=check_name(name))
-                if not version.isdigit() or int(version) < 1:
+                if not re.fullmatch(r"[1-9][0-9]{0,18}", version):
                     raise FormatError(f"invalid ref {text!r}: the version after '@' must be a number from 1")
                 return cls(text, name=check_name(name), version=int(version))
             if ":" in text:

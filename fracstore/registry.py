@@ -36,6 +36,7 @@ from .manifest import now
 from .registry_state import Entry, RegistryState, Writer
 
 _MAX_STATE_BYTES = 256 * 1024 * 1024
+_MAX_FAILED_CREATES = 3  # storage errors with nothing landed, per append, before the error is raised
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ class Registry:
         self._state: RegistryState | None = None
         self._lock = threading.RLock()
         self._host = socket.gethostname()
+        self._failed_creates = 0
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -107,8 +109,23 @@ class Registry:
             try:
                 data = self.backend.read(log_key(seq))
             except NotFoundError:
+                self._check_end(seq)
                 return
             state.apply(Entry.from_bytes(data, seq=seq), Digest.of(data))
+
+    def _check_end(self, missing: int) -> None:
+        """Refuse a log whose end is a hole: an entry after the first missing one means entries were removed.
+
+        One extra read catches the removal of a single entry (the common damage: a sync tool or a hand-deleted
+        file); a full listing would catch every removal but costs O(history) on every refresh.
+        """
+        if self.backend.exists(log_key(missing + 1)):
+            raise IntegrityError(
+                f"registry log of {self.backend.url} has entry {missing + 1} but no entry {missing}: entries were "
+                "removed. Restore the missing log entry from a copy of the store; do not write to this store meanwhile",
+                key=log_key(missing),
+                store=self.backend.url,
+            )
 
     def _starting_state(self) -> RegistryState:
         for candidate in (self._load_state_cache, self._load_checkpoint):
@@ -190,6 +207,7 @@ class Registry:
         commit = secrets.token_hex(8)
         writer = Writer(self._host, os.getpid(), commit)
         with self._lock:
+            self._failed_creates = 0
             for attempt in range(self.options.append_attempts):
                 state = self.refresh()
                 if commit in state.commits:  # an earlier attempt landed after all (unknown outcome)
@@ -224,12 +242,15 @@ class Registry:
         try:
             if self.backend.put_if_absent(key, data):
                 return True
-        except StorageError as exc:
-            if isinstance(exc, NotFoundError):
-                raise
+        except StorageError:
             landed = self._read_back(key)
             if landed is None:
-                return False  # nothing there: the write did not land; the loop retries it
+                # Nothing landed. A transient error is worth the loop's retry; the same error every time is not a
+                # lost race, so it surfaces as itself rather than as a ConflictError after every attempt.
+                self._failed_creates += 1
+                if self._failed_creates >= _MAX_FAILED_CREATES:
+                    raise
+                return False
             return landed == data
         # "Exists" may be our own write landing twice (a client that retried a request that had succeeded).
         return self._read_back(key) == data

@@ -27,6 +27,12 @@ OPS = ("publish", "tag", "untag", "delete", "gc-begin", "gc-end")
 _NAMED_OPS = frozenset({"publish", "tag", "untag", "delete"})
 
 
+def _check_types(*fields: tuple[str, object, Any]) -> None:
+    for label, value, expected in fields:
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise FormatError(f"log entry field {label} has a {type(value).__name__} ({value!r})")
+
+
 @dataclass(frozen=True, slots=True)
 class Writer:
     """Who wrote an entry. ``commit`` is random per logical operation and survives retries, so a writer can
@@ -78,8 +84,25 @@ class Entry:
             raise FormatError(f"a {self.op} entry needs a tag")
         if self.op == "tag" and self.version is None:
             raise FormatError("a tag entry needs a target version")
+        if self.op == "gc-begin" and self.payload is None:
+            raise FormatError("a gc-begin entry needs a payload (its candidate set)")
+        if self.op == "gc-end" and not isinstance(self.begin, int):
+            raise FormatError("a gc-end entry needs the seq of its gc-begin")
         if (self.seq == 1) != (self.prev is None):
             raise FormatError("only the first entry has no prev digest")
+        _check_types(
+            ("seq", self.seq, int),
+            ("time", self.time, str),
+            ("writer.host", self.writer.host, str),
+            ("writer.pid", self.writer.pid, int),
+            ("writer.commit", self.writer.commit, str),
+            ("name", self.name, str | None),
+            ("version", self.version, int | None),
+            ("tag", self.tag, str | None),
+            ("begin", self.begin, int | None),
+        )
+        if self.seq < 1 or (self.version is not None and self.version < 1):
+            raise FormatError("seq and version numbers start at 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for canonical encoding; fields that are None are left out."""
@@ -222,12 +245,15 @@ class RegistryState:
         if entry.op == "gc-end":
             self.gc_runs.pop(entry.begin or 0, None)
             return
-        assert entry.name is not None  # guaranteed by Entry.__post_init__ for named ops
-        state = self.names.setdefault(entry.name, NameState())
-        if entry.op == "publish":
-            assert entry.manifest is not None
+        if entry.name is None:
+            return  # unreachable: Entry.__post_init__ requires a name for every other op
+        if entry.op == "publish" and entry.manifest is not None:
+            state = self.names.setdefault(entry.name, NameState())
             state.versions.append(VersionState(len(state.versions) + 1, entry.manifest, entry.seq, entry.time))
-        elif entry.op == "tag":
+            return
+        # Ops on a name that was never published change nothing (and must not create an empty name).
+        state = self.names.get(entry.name) or NameState()
+        if entry.op == "tag":
             target = state.get(entry.version or 0)
             if target is not None and not target.deleted and entry.tag is not None:
                 state.tags[entry.tag] = target.version
@@ -252,7 +278,7 @@ class RegistryState:
             "tip": None if self.tip is None else str(self.tip),
             "names": {
                 name: {
-                    "versions": [[v.manifest.hex, v.seq, v.time, v.deleted] for v in state.versions],
+                    "versions": [[str(v.manifest), v.seq, v.time, v.deleted] for v in state.versions],
                     "tags": dict(state.tags),
                 }
                 for name, state in self.names.items()
@@ -273,8 +299,8 @@ class RegistryState:
             names = {}
             for name, data in raw["names"].items():
                 versions = [
-                    VersionState(i + 1, Digest(hex_), int(seq), str(time), bool(deleted))
-                    for i, (hex_, seq, time, deleted) in enumerate(data["versions"])
+                    VersionState(i + 1, Digest.parse(digest), int(seq), str(time), bool(deleted))
+                    for i, (digest, seq, time, deleted) in enumerate(data["versions"])
                 ]
                 names[name] = NameState(versions, {str(t): int(v) for t, v in data["tags"].items()})
             return cls(

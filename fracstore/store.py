@@ -26,7 +26,7 @@ from .codec import MaterializedBlob, PendingBlob, decode_state_dict, plan_state_
 from .config import MAX_MANIFEST_BYTES, StoreOptions, default_cache_dir
 from .digest import Descriptor, Digest
 from .errors import AmbiguousRefError, ConflictError, FormatError, NotFoundError, StorageError
-from .layout import MARKER_KEY
+from .layout import MARKER_KEY, blob_key
 from .manifest import (
     FileEntry,
     Manifest,
@@ -246,7 +246,8 @@ class Store:
             environment=environment,
             parent=parent_digest,
             tensors=tensors,
-            tensor_blobs=tuple(hashed[i][0] for i in range(len(plan.blobs))),
+            # Two separate tensors with equal bytes share one blob: list each blob once.
+            tensor_blobs=tuple(dict.fromkeys(hashed[i][0] for i in range(len(plan.blobs)))),
             files=tuple(file_entries),
             history=None if history_ref is None else history_ref.digest,
             history_size=0 if history_ref is None else history_ref.size,
@@ -254,7 +255,7 @@ class Store:
         manifest_bytes = manifest.to_bytes()
         manifest_ref = self._put_counted(manifest_bytes, written)
         self._manifests[manifest_ref.digest] = manifest
-        self._confirm(manifest)
+        self._confirm(manifest, manifest_ref)
         version = self._publish(name, manifest_ref.digest)
         references = manifest.references()
         return SavedModel(
@@ -297,10 +298,10 @@ class Store:
             written[1] += 1
         return descriptor
 
-    def _confirm(self, manifest: Manifest) -> None:
+    def _confirm(self, manifest: Manifest, manifest_ref: Descriptor) -> None:
         # DESIGN.md section 5: a log entry must never point at missing data, even if a blob we skipped because it
         # existed was removed meanwhile (a concurrent gc, a damaged store).
-        missing = [d for d in manifest.references() if not self.blobs.has(d)]
+        missing = [d for d in (*manifest.references(), manifest_ref) if not self.blobs.has(d)]
         if missing:
             raise StorageError(
                 f"{len(missing)} blob(s) of the new manifest are missing from {self.url} after writing "
@@ -323,10 +324,13 @@ class Store:
         raise ConflictError(f"the publish of {name} was applied but its version is gone (deleted meanwhile?)")
 
     def _parent_digest(self, parent: str | Digest) -> Digest:
-        if isinstance(parent, Digest):
-            return parent
-        _, version = self._resolve(Ref.parse(parent), self.registry.refresh())
-        return version.manifest
+        if not isinstance(parent, Digest):
+            _, version = self._resolve(Ref.parse(parent), self.registry.refresh())
+            return version.manifest
+        # A parent given by digest may be a deleted version, but it must be a manifest this store has (or had).
+        if not self.backend.exists(blob_key(parent)):
+            raise NotFoundError(f"parent {parent} is not a manifest in {self.url}", what=str(parent), store=self.url)
+        return parent
 
     # -- resolve ----------------------------------------------------------------------------------------------
 
@@ -759,7 +763,10 @@ def _open_marker(backend: Backend, *, create: bool) -> str:
         data = backend.read(MARKER_KEY)  # whoever created it first wins; everyone uses that id
     try:
         raw = canonical.decode(data, what=f"store marker of {backend.url}", max_bytes=4096)
-        if not isinstance(raw, dict) or raw.get("format", 0) > STORE_FORMAT:
+        version = raw.get("format") if isinstance(raw, dict) else None
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise FormatError(f"{backend.url}/{MARKER_KEY} is not a fracstore store marker (no format version)")
+        if version > STORE_FORMAT:
             raise FormatError(f"{backend.url} is a store of a newer format than this fracstore reads; upgrade")
         store_id = str(uuid.UUID(str(raw["store_id"])))
     except (KeyError, ValueError) as exc:

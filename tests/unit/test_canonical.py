@@ -76,3 +76,20 @@ def test_decode_refuses_ext_types_oversize_and_garbage() -> None:
         canonical.decode(b"\xc1", what="x", max_bytes=100)
     with pytest.raises(FormatError, match="not valid msgpack"):
         canonical.decode(b"\x01\x02", what="x", max_bytes=100)
+
+
+def test_decode_refuses_duplicate_and_non_string_keys_and_timestamps() -> None:
+    duplicate = b"\x82\xa1a\x01\xa1a\x02"  # {"a": 1, "a": 2}
+    with pytest.raises(FormatError, match="duplicate"):
+        canonical.decode(duplicate, what="x", max_bytes=100)
+    bin_key = b"\x81\xc4\x01a\x01"  # {b"a": 1}
+    with pytest.raises(FormatError):
+        canonical.decode(bin_key, what="x", max_bytes=100)
+    timestamp = msgpack.packb(msgpack.Timestamp(1, 0))
+    with pytest.raises(FormatError, match="ext type"):
+        canonical.decode(timestamp, what="x", max_bytes=100)
+
+
+def test_lone_surrogates_are_format_errors() -> None:
+    with pytest.raises(FormatError, match="Unicode"):
+        canonical.encode({"k": "\ud800"})

@@ -102,3 +102,10 @@ def test_newer_schema_and_mismatched_seq_are_refused() -> None:
         Entry.from_bytes(golden_entry().to_bytes(), seq=3)
     with pytest.raises(FormatError, match="malformed"):
         Manifest.from_bytes(canonical.encode({"schema": 1}))
+
+
+def test_aliases_must_name_a_stored_tensor() -> None:
+    manifest = golden_manifest()
+    bad = dataclasses.replace(manifest.tensors[0], name="tied", alias="nowhere")
+    with pytest.raises(FormatError, match="alias"):
+        dataclasses.replace(manifest, tensors=(*manifest.tensors, bad))

@@ -116,3 +116,9 @@ def test_record_table_is_dataframe_like() -> None:
     assert table[0].version == 1
     with pytest.raises(KeyError, match="columns"):
         table["nope"]
+
+
+@pytest.mark.parametrize("text", ["m@\u00b2", "m@\u0661", "m@01", "m@-1", "sha256", "sha256@1"])
+def test_versions_are_ascii_decimal_and_sha256_is_reserved(text: str) -> None:
+    with pytest.raises(FormatError):
+        Ref.parse(text)

@@ -95,3 +95,26 @@ def test_checkpoint_form_round_trips() -> None:
 def test_malformed_entries_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(FormatError):
         Entry(seq=1, time="t", writer=WRITER, prev=None, **fields)
+
+
+def test_gc_entries_need_their_payload_and_begin() -> None:
+    with pytest.raises(FormatError, match="payload"):
+        Entry(seq=1, op="gc-begin", time="t", writer=WRITER, prev=None)
+    with pytest.raises(FormatError, match="gc-begin"):
+        Entry(seq=1, op="gc-end", time="t", writer=WRITER, prev=None)
+
+
+def test_ops_on_unknown_names_leave_no_trace() -> None:
+    state = replay({"op": "untag", "name": "ghost", "tag": "x"}, {"op": "delete", "name": "ghost"})
+    assert state.names == {}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"version": "1"}, {"version": True}, {"version": 0}, {"name": 3}, {"time": 1}],
+)
+def test_entry_field_types_are_checked(fields: dict[str, Any]) -> None:
+    base: dict[str, Any] = {"op": "delete", "name": "a", "time": "t"}
+    base.update(fields)
+    with pytest.raises(FormatError):
+        Entry(seq=1, writer=WRITER, prev=None, **base)

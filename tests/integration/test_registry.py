@@ -1,0 +1,103 @@
+"""Registry behaviour on a real local store: holes in the log, persistent write failures, damaged inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fracstore import IntegrityError, StorageError, Store
+from fracstore.backend import Backend
+from fracstore.layout import blob_key, log_key
+
+
+def _publish(store: Store, count: int) -> None:
+    for i in range(count):
+        store.save({"w": torch.full((4,), float(i))}, name="m")
+
+
+def test_a_removed_log_entry_is_detected_by_a_fresh_reader(store_path: Path, isolated_cache: Path) -> None:
+    _publish(Store.open(store_path), 4)
+    os.unlink(store_path / log_key(3))
+    with pytest.raises(IntegrityError, match="entries were removed") as info:
+        Store.open(store_path, cache_dir=isolated_cache / "fresh").list()
+    assert info.value.key == log_key(3)
+
+
+def test_a_removed_entry_is_detected_by_a_reader_whose_cache_is_older(store_path: Path) -> None:
+    writer = Store.open(store_path)
+    _publish(writer, 2)
+    reader = Store.open(store_path)
+    assert len(reader.list()) == 2  # replayed to 2
+    _publish(writer, 2)
+    os.unlink(store_path / log_key(3))
+    with pytest.raises(IntegrityError):
+        reader.list()
+    with pytest.raises(IntegrityError):  # and it refuses to write into the hole
+        reader.save({"w": torch.ones(1)}, name="m")
+
+
+def test_a_persistent_storage_error_surfaces_as_itself(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    _publish(store, 1)
+    original = Backend.put_if_absent
+    calls: list[str] = []
+
+    def failing(self: Backend, key: str, data: object) -> bool:
+        if key.startswith("log/"):
+            calls.append(key)
+            raise StorageError("disk full", key=key)
+        return original(self, key, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Backend, "put_if_absent", failing)
+    with pytest.raises(StorageError, match="disk full"):
+        store.save({"w": torch.ones(2)}, name="m")
+    assert 1 < len(calls) <= 3  # retried a little, then gave the real reason, not a "lost race" ConflictError
+    monkeypatch.setattr(Backend, "put_if_absent", original)
+    assert [r.version for r in Store.open(store.url).list()] == [1]
+
+
+def test_a_transient_storage_error_is_retried(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Backend.put_if_absent
+    failures = iter([True])
+
+    def flaky(self: Backend, key: str, data: object) -> bool:
+        if key.startswith("log/") and next(failures, False):
+            raise StorageError("connection reset", key=key)
+        return original(self, key, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Backend, "put_if_absent", flaky)
+    saved = store.save({"w": torch.ones(2)}, name="m")
+    assert saved.version == 1
+
+
+def test_a_write_that_landed_before_the_error_is_not_written_twice(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Backend.put_if_absent
+    raised = []
+
+    def lands_then_fails(self: Backend, key: str, data: object) -> bool:
+        created = original(self, key, data)  # type: ignore[arg-type]
+        if key.startswith("log/") and not raised:
+            raised.append(key)
+            raise StorageError("timeout after the request was sent", key=key)
+        return created
+
+    monkeypatch.setattr(Backend, "put_if_absent", lands_then_fails)
+    saved = store.save({"w": torch.ones(2)}, name="m")
+    assert saved.version == 1
+    assert [e.op for e in store.log()] == ["publish"]  # exactly one entry
+
+
+def test_a_symlinked_blob_is_refused(store: Store, store_path: Path, tmp_path: Path) -> None:
+    saved = store.save({"w": torch.randn(512, 512)}, name="m")
+    (blob,) = store.info(saved.ref).manifest.tensor_blobs
+    path = store_path / blob_key(blob.digest)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(elsewhere)
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        Store.open(store_path).load(saved.ref)
