@@ -327,7 +327,14 @@ def decode_state_dict(
     loaded: dict[str, torch.Tensor] = {}
     for blob, members in by_blob.items():
         where = source(Descriptor(blob, blob_sizes[blob]))
-        for entry, tensor in zip(members, _read_members(blob, where, [m.key for m in members]), strict=True):
+        keys = list(dict.fromkeys(m.key for m in members))
+        by_key = dict(zip(keys, _read_members(blob, where, keys), strict=True))
+        seen: set[str] = set()
+        for entry in members:
+            # Separate tensors with equal bytes share a blob; each must still load as its own tensor, or an
+            # in-place update of one would change the other (only aliases, i.e. tied weights, share memory).
+            tensor = by_key[entry.key].clone() if entry.key in seen else by_key[entry.key]
+            seen.add(entry.key)
             if TORCH_TO_ST.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
                 raise FormatError(
                     f"blob {blob} holds {tensor.dtype} {tuple(tensor.shape)} under {entry.key!r}, but the manifest "

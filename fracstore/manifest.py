@@ -13,7 +13,7 @@ import mimetypes
 import platform
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +47,35 @@ def check_name(name: str, *, what: str = "model name") -> str:
     if name in RESERVED_NAMES:
         raise FormatError(f"{name!r} is reserved (it starts digest refs); choose another {what}")
     return name
+
+
+def check_labels(labels: Iterable[str]) -> tuple[str, ...]:
+    """Return ``labels`` (descriptive tags saved with a version) as a tuple without duplicates, in order.
+
+    Raises:
+        FormatError: a plain string was passed instead of a list, or a label is empty, has a comma, a control
+            character, leading or trailing space, or more than 128 characters.
+    """
+    if isinstance(labels, str | bytes):
+        raise FormatError(f"tags takes a list of strings, e.g. tags=[{labels!r}], not a single string")
+    out = tuple(dict.fromkeys(labels))
+    for label in out:
+        if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
+            raise FormatError(
+                f"invalid tag {label!r}: tags are 1-128 printable characters, no commas, no leading or trailing space"
+            )
+    return out
+
+
+def check_model_type(model_type: str) -> str:
+    """Return ``model_type`` if it is a string of at most 128 characters.
+
+    Raises:
+        FormatError: otherwise.
+    """
+    if not isinstance(model_type, str) or len(model_type) > 128:
+        raise FormatError(f"model type must be a string of at most 128 characters, not {model_type!r}")
+    return model_type
 
 
 def format_time(moment: datetime) -> str:
@@ -187,15 +216,10 @@ class Manifest:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        if not isinstance(self.model_type, str) or len(self.model_type) > 128:
-            raise FormatError(f"model type must be a string of at most 128 characters, not {self.model_type!r}")
+        check_model_type(self.model_type)
         parse_time(self.created_at)
-        for label in self.labels:
-            if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
-                raise FormatError(
-                    f"invalid tag {label!r}: tags are 1-128 printable characters, no commas, no leading or trailing "
-                    "space"
-                )
+        if check_labels(self.labels) != self.labels:
+            raise FormatError(f"duplicate tags in manifest: {self.labels!r}")
         for key, value in self.metrics.items():
             if not isinstance(key, str) or not isinstance(value, int | float) or isinstance(value, bool):
                 raise FormatError(f"metric {key!r} must map a name to a number, not {value!r}")

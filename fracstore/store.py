@@ -33,6 +33,8 @@ from .manifest import (
     TrainingSummary,
     capture_environment,
     check_file_path,
+    check_labels,
+    check_model_type,
     check_name,
     guess_media_type,
     now,
@@ -221,7 +223,8 @@ class Store:
         summary = training if isinstance(training, TrainingSummary) else TrainingSummary.from_mapping(training or {})
         file_data = _read_files(files or {})
         parent_digest = None if parent is None else self._parent_digest(parent)
-        labels = tuple(dict.fromkeys(tags)) if not isinstance(tags, str) else (tags,)
+        labels = check_labels(tags)
+        check_model_type(model_type or "")
         environment = capture_environment(devices=[device] if device else list(plan.devices))
 
         written = [0, 0]
@@ -339,19 +342,22 @@ class Store:
             return self._resolve_digest(ref.text, ref.digest_prefix, state)
         assert ref.name is not None  # Ref.parse sets a name for every non-digest ref
         named = state.names.get(ref.name)
-        live = named.live() if named is not None else []
-        if not live:
+        if named is None or not named.versions:
             if ref.bare_digest_prefix is not None:
                 return self._resolve_digest(ref.text, ref.bare_digest_prefix, state)
             raise self._unknown_name(ref.name, state)
-        assert named is not None
+        live = named.live()
+        if ref.version is None and not live:
+            raise NotFoundError(
+                f"every version of {ref.name!r} in {self.url} was deleted", what=ref.text, store=self.url
+            )
         if ref.version is not None:
             version = named.get(ref.version)
             if version is None or version.deleted:
                 state_word = "was deleted" if version is not None else "does not exist"
                 raise NotFoundError(
                     f"{ref.name}@{ref.version} {state_word} in {self.url}; live versions: "
-                    f"{', '.join(str(v.version) for v in live)}",
+                    f"{', '.join(str(v.version) for v in live) or 'none'}",
                     what=ref.text,
                     store=self.url,
                 )
@@ -452,7 +458,8 @@ class Store:
             ref: ``name``, ``name@3``, ``name:tag``, or a digest (prefix).
             device: move the tensors there (``"cuda"``, ``"cuda:1"``, ``"mps"``); None keeps them on the CPU.
             into: a module to fill; it is moved to ``device`` when one is given, and returned.
-            strict: with ``into``, require exactly the module's keys and shapes.
+            strict: with ``into``, require exactly the module's keys and shapes; with False, load the tensors whose
+                name and shape match and leave the rest of the module as it is.
 
         Returns:
             the state dict (tied tensors are the same object again), or ``into`` filled.
@@ -475,6 +482,12 @@ class Store:
             return state_dict
         if strict:
             _check_fits(into, state_dict, record.ref)
+        else:
+            # torch refuses shape mismatches even with strict=False; "load what matches" means leaving them out.
+            expected = into.state_dict()
+            state_dict = {
+                k: v for k, v in state_dict.items() if k not in expected or tuple(expected[k].shape) == tuple(v.shape)
+            }
         if device is not None:
             into.to(device)
         into.load_state_dict(state_dict, strict=strict)
@@ -553,7 +566,7 @@ class Store:
         query = Query(
             name=name,
             model_type=model_type,
-            tags=tuple(tags),
+            tags=check_labels(tags),
             where=tuple(w if isinstance(w, MetricFilter) else MetricFilter.parse(w) for w in where),
         )
         state = self.registry.refresh()

@@ -114,13 +114,6 @@ def test_identical_untied_tensors_are_stored_once(store: Store, store_path: Path
     assert torch.equal(loaded["b"], big)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: two untied tensors with equal bytes share one blob, and decode_state_dict reads its key 't' once per "
-    "entry from the same mapping (local: two views of one mmap; memory://: the very same tensor object), so an "
-    "in-place change to one changes the other",
-)
 @pytest.mark.parametrize("backend", ["local", "memory"])
 def test_identical_untied_tensors_load_as_independent_tensors(store: Store, backend: str) -> None:
     if backend == "memory":

@@ -195,12 +195,6 @@ def test_deleted_version_says_it_was_deleted(store: Store, three_versions: list[
         store.resolve("pinn@7")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: once every version of a name is deleted, 'name@N' reports 'no model named ...' instead of saying the "
-    "version was deleted (Store._resolve goes to _unknown_name whenever no version is live)",
-)
 def test_version_of_fully_deleted_name_says_it_was_deleted(store: Store) -> None:
     store.save(_small(0), name="gone")
     store.delete("gone", all_versions=True)
@@ -277,14 +271,14 @@ def test_list_by_tags_matches_labels_and_registry_tags(catalogue: Store) -> None
     assert _refs(catalogue.list(tags=["prod", "baseline"])) == ["a@1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: list(tags='prod') iterates the string into single characters ('p','r','o','d') and silently matches "
-    "nothing, while save(tags='prod') treats a string as one tag",
-)
-def test_list_tags_accepts_a_single_string_like_save(catalogue: Store) -> None:
-    assert _refs(catalogue.list(tags="baseline")) == ["a@1", "a@3"]
+def test_tags_must_be_a_list_not_a_single_string(catalogue: Store) -> None:
+    # A plain string would otherwise be iterated into characters and silently match nothing.
+    with pytest.raises(FormatError, match=r"tags=\['baseline'\]"):
+        catalogue.list(tags="baseline")
+    with pytest.raises(FormatError, match="not a single string"):
+        catalogue.best("val_loss", tags="baseline")
+    with pytest.raises(FormatError, match="not a single string"):
+        catalogue.save({"w": torch.ones(1)}, name="a", tags="baseline")
 
 
 def test_list_where_thresholds_exclude_records_without_the_metric(catalogue: Store) -> None:
@@ -561,12 +555,6 @@ def test_non_strict_load_of_missing_and_unexpected_keys(store: Store) -> None:
     assert torch.equal(target.bias.detach(), bias_before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG: the strict FormatError says 'pass strict=False to load what matches', but with a shape mismatch "
-    "strict=False raises torch's RuntimeError from load_state_dict instead of loading the keys that fit",
-)
 def test_non_strict_load_skips_shape_mismatches(store: Store) -> None:
     store.save({"weight": torch.ones(2, 4), "bias": torch.full((2,), 7.0)}, name="x")
     target = nn.Linear(3, 2)
