@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import canonical
@@ -41,7 +41,8 @@ _MAX_FAILED_CREATES = 3  # storage errors with nothing landed, per append, befor
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """What an operation wants to append, as decided against the state at the tip (see :meth:`Registry.append`)."""
+    """What an operation wants to append, as decided against the state at the tip (see :meth:`Registry.append`):
+    the fields of an :class:`~fracstore.registry_state.Entry` other than where, when and by whom."""
 
     op: str
     name: str | None = None
@@ -215,19 +216,8 @@ class Registry:
                 change = decide(state)
                 if change is None:
                     return None, state
-                entry = Entry(
-                    seq=state.seq + 1,
-                    op=change.op,
-                    time=now(),
-                    writer=writer,
-                    prev=state.tip,
-                    name=change.name,
-                    manifest=change.manifest,
-                    version=change.version,
-                    tag=change.tag,
-                    payload=change.payload,
-                    begin=change.begin,
-                )
+                what = {f.name: getattr(change, f.name) for f in fields(change)}
+                entry = Entry(seq=state.seq + 1, time=now(), writer=writer, prev=state.tip, **what)
                 if self._create(entry):
                     return entry, self._applied(entry)
                 self._sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
