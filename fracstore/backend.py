@@ -218,18 +218,23 @@ class Backend:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
-    def put_if_absent(self, key: str, data: Data) -> bool:
+    def put_if_absent(self, key: str, data: Data, *, sync_folder: bool = True) -> bool:
         """Create ``key`` holding ``data`` unless it exists. Returns True if this call created it.
 
         On a local disk the object appears complete or not at all, and is read-only once created: everything created
-        this way is immutable.
+        this way is immutable. Its data is fsynced before it gets its name.
+
+        Args:
+            sync_folder: on a local disk, also fsync the folder so the new name survives a power loss. Writers of
+                many objects pass False and call :meth:`sync_folders` once for all of them before anything refers to
+                them (one folder fsync each instead of one per object).
 
         Raises:
             StorageError: the backend failed (the key may or may not have been created: read it back).
         """
         with self._translate(key, "create"):
             if self._local_root is not None:
-                return self._local_put_if_absent(self._local(key), data)
+                return self._local_put_if_absent(self._local(key), data, sync_folder=sync_folder)
             path = self._path(key)
             if isinstance(self.fs, MemoryFileSystem):
                 with _memory_lock:
@@ -329,7 +334,20 @@ class Backend:
             _fsync_dir(folder.parent)
         return tmp
 
-    def _local_put_if_absent(self, final: Path, data: Data) -> bool:
+    def sync_folders(self, keys: Iterable[str]) -> None:
+        """Make the names of objects created with ``sync_folder=False`` durable: fsync each of their folders once.
+
+        Raises:
+            StorageError: an fsync failed.
+        """
+        if self._local_root is None:
+            return  # object stores commit a name with the object itself
+        folders = {self._local(key).parent for key in keys}
+        for folder in sorted(folders):
+            with self._translate(str(folder.relative_to(self._local_root)), "sync"):
+                _fsync_dir(folder)
+
+    def _local_put_if_absent(self, final: Path, data: Data, *, sync_folder: bool) -> bool:
         if final.exists():  # cheap early exit; the link below is what decides
             return False
         tmp = self._local_write_temp(final, data, mode=0o444)
@@ -347,7 +365,8 @@ class Backend:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_dir(final.parent)
+        if sync_folder:
+            _fsync_dir(final.parent)
         return True
 
 

@@ -60,11 +60,12 @@ class BlobStore:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
-    def put(self, descriptor: Descriptor, data: Data) -> bool:
+    def put(self, descriptor: Descriptor, data: Data, *, sync_folder: bool = True) -> bool:
         """Store ``data``, which the caller has hashed to ``descriptor``. Returns True if bytes were written.
 
         An existing blob of the right size is kept (identical bytes are stored once). One of the wrong size is
-        corrupt; since the right bytes are in hand, it is replaced.
+        corrupt; since the right bytes are in hand, it is replaced. ``sync_folder=False`` defers making the new
+        name durable to :meth:`Backend.sync_folders` (see there).
         """
         key = blob_key(descriptor.digest)
         try:
@@ -75,15 +76,15 @@ class BlobStore:
             return False
         if existing is not None:
             self.backend.delete(key)
-        created = self.backend.put_if_absent(key, data)
+        created = self.backend.put_if_absent(key, data, sync_folder=sync_folder)
         if created:
             self._record_verified(descriptor.digest)
         return created
 
-    def put_bytes(self, data: bytes) -> tuple[Descriptor, bool]:
+    def put_bytes(self, data: bytes, *, sync_folder: bool = True) -> tuple[Descriptor, bool]:
         """Hash and store ``data``. Returns its descriptor and whether bytes were written."""
         descriptor = Descriptor(Digest.of(data), len(data))
-        return descriptor, self.put(descriptor, data)
+        return descriptor, self.put(descriptor, data, sync_folder=sync_folder)
 
     # -- reads ------------------------------------------------------------------------------------------------
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import builtins
 import difflib
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,18 @@ from .registry_state import Entry, RegistryState, VersionState
 STORE_FORMAT = 1
 _UNSET: Any = object()
 _HISTORY_LIMIT = MAX_MANIFEST_BYTES
+_WRITE_THREADS = 8  # blob writes wait on the disk (fsync), not the CPU
+
+
+class _WriteTally:
+    """The blobs one save actually created (those already present cost nothing)."""
+
+    def __init__(self) -> None:
+        self.created: list[Descriptor] = []
+
+    def add(self, descriptor: Descriptor, *, created: bool) -> None:
+        if created:
+            self.created.append(descriptor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,15 +240,15 @@ class Store:
         check_model_type(model_type or "")
         environment = capture_environment(devices=[device] if device else list(plan.devices))
 
-        written = [0, 0]
-        hashed = self._write_tensor_blobs(plan.blobs, written)
+        tally = _WriteTally()
+        hashed = self._write_tensor_blobs(plan.blobs, tally)
         tensors = plan.entries(hashed)
         history_ref = None
         if history_bytes is not None:
-            history_ref = self._put_counted(history_bytes, written)
+            history_ref = self._put_counted(history_bytes, tally)
         file_entries = []
         for path, data in file_data.items():
-            blob = self._put_counted(data, written)
+            blob = self._put_counted(data, tally)
             file_entries.append(FileEntry(path, blob.digest, blob.size, guess_media_type(path)))
         manifest = Manifest(
             name=name,
@@ -256,8 +269,10 @@ class Store:
             history_size=0 if history_ref is None else history_ref.size,
         )
         manifest_bytes = manifest.to_bytes()
-        manifest_ref = self._put_counted(manifest_bytes, written)
+        manifest_ref = self._put_counted(manifest_bytes, tally)
         self._manifests[manifest_ref.digest] = manifest
+        # The blobs' data was fsynced as each was written; now make their names durable, once per folder.
+        self.backend.sync_folders(blob_key(d.digest) for d in tally.created)
         self._confirm(manifest, manifest_ref)
         version = self._publish(name, manifest_ref.digest)
         references = manifest.references()
@@ -266,39 +281,58 @@ class Store:
             version=version,
             digest=manifest_ref.digest,
             bytes_total=sum(d.size for d in references) + manifest_ref.size,
-            bytes_written=written[0],
+            bytes_written=sum(d.size for d in tally.created),
             blobs_total=len(references) + 1,
-            blobs_written=written[1],
+            blobs_written=len(tally.created),
         )
 
     def _write_tensor_blobs(
-        self, pending: Sequence[PendingBlob], written: list[int]
+        self, pending: Sequence[PendingBlob], tally: _WriteTally
     ) -> dict[int, tuple[Descriptor, Mapping[str, Digest]]]:
-        """Hash and write every tensor blob; two or more at a time, since hashing and writing both release the GIL."""
+        """Hash and write every tensor blob.
 
-        def work(index: int) -> tuple[int, Descriptor, Mapping[str, Digest], bool]:
-            materialized: MaterializedBlob = pending[index].materialize()
-            descriptor, members = materialized.hash()
-            created = self.blobs.put(descriptor, materialized.chunks)
-            return index, descriptor, members, created
+        Hashing is CPU work and writing is mostly waiting for the disk (each blob is fsynced), so they run on two
+        pools: hashers on every core, writers on a few more threads, with at most ``2 x writers`` hashed blobs
+        waiting, which bounds the memory held by tensors that had to be copied (non-contiguous or on a GPU).
+        Measured in benchmarks/experiment_write_pools.py: one pool doing both left the cores idle during fsyncs.
+        """
+        hashers = os.cpu_count() or 2
+        writers = _WRITE_THREADS
+        backlog = threading.BoundedSemaphore(2 * writers)
+
+        def write(materialized: MaterializedBlob, descriptor: Descriptor) -> bool:
+            try:
+                return self.blobs.put(descriptor, materialized.chunks, sync_folder=False)
+            finally:
+                backlog.release()
+
+        def hash_then_queue(index: int) -> tuple[int, Descriptor, Mapping[str, Digest], Future[bool]]:
+            backlog.acquire()
+            try:
+                materialized = pending[index].materialize()
+                descriptor, members = materialized.hash()
+            except BaseException:
+                backlog.release()
+                raise
+            return index, descriptor, members, write_pool.submit(write, materialized, descriptor)
 
         results: dict[int, tuple[Descriptor, Mapping[str, Digest]]] = {}
-        workers = max(2, min(8, os.cpu_count() or 2))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fracstore-save") as pool:
+        with (
+            ThreadPoolExecutor(max_workers=writers, thread_name_prefix="fracstore-write") as write_pool,
+            ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="fracstore-hash") as hash_pool,
+        ):
             # Biggest first, so one huge tensor does not start last and serialise the tail.
             order = sorted(range(len(pending)), key=lambda i: -pending[i].size)
-            for index, descriptor, members, created in pool.map(work, order):
+            queued = [hash_pool.submit(hash_then_queue, i) for i in order]
+            for future in queued:
+                index, descriptor, members, written = future.result()
                 results[index] = (descriptor, members)
-                if created:
-                    written[0] += descriptor.size
-                    written[1] += 1
+                tally.add(descriptor, created=written.result())
         return results
 
-    def _put_counted(self, data: bytes, written: list[int]) -> Descriptor:
-        descriptor, created = self.blobs.put_bytes(data)
-        if created:
-            written[0] += descriptor.size
-            written[1] += 1
+    def _put_counted(self, data: bytes, tally: _WriteTally) -> Descriptor:
+        descriptor, created = self.blobs.put_bytes(data, sync_folder=False)
+        tally.add(descriptor, created=created)
         return descriptor
 
     def _confirm(self, manifest: Manifest, manifest_ref: Descriptor) -> None:

@@ -136,7 +136,7 @@ def test_permission_errors_become_storage_errors(tmp_path: Path, monkeypatch: py
 
 def test_a_backend_that_silently_overwrites_is_refused(tmp_path: Path) -> None:
     class Overwriting(Backend):
-        def put_if_absent(self, key: str, data: object) -> bool:  # type: ignore[override]
+        def put_if_absent(self, key: str, data: object, **options: bool) -> bool:  # type: ignore[override]
             self.put_overwrite(key, data)  # type: ignore[arg-type]
             return True
 

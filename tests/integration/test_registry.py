@@ -44,11 +44,11 @@ def test_a_persistent_storage_error_surfaces_as_itself(store: Store, monkeypatch
     original = Backend.put_if_absent
     calls: list[str] = []
 
-    def failing(self: Backend, key: str, data: object) -> bool:
+    def failing(self: Backend, key: str, data: object, **options: bool) -> bool:
         if key.startswith("log/"):
             calls.append(key)
             raise StorageError("disk full", key=key)
-        return original(self, key, data)  # type: ignore[arg-type]
+        return original(self, key, data, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Backend, "put_if_absent", failing)
     with pytest.raises(StorageError, match="disk full"):
@@ -62,10 +62,10 @@ def test_a_transient_storage_error_is_retried(store: Store, monkeypatch: pytest.
     original = Backend.put_if_absent
     failures = iter([True])
 
-    def flaky(self: Backend, key: str, data: object) -> bool:
+    def flaky(self: Backend, key: str, data: object, **options: bool) -> bool:
         if key.startswith("log/") and next(failures, False):
             raise StorageError("connection reset", key=key)
-        return original(self, key, data)  # type: ignore[arg-type]
+        return original(self, key, data, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Backend, "put_if_absent", flaky)
     saved = store.save({"w": torch.ones(2)}, name="m")
@@ -78,8 +78,8 @@ def test_a_write_that_landed_before_the_error_is_not_written_twice(
     original = Backend.put_if_absent
     raised = []
 
-    def lands_then_fails(self: Backend, key: str, data: object) -> bool:
-        created = original(self, key, data)  # type: ignore[arg-type]
+    def lands_then_fails(self: Backend, key: str, data: object, **options: bool) -> bool:
+        created = original(self, key, data, **options)  # type: ignore[arg-type]
         if key.startswith("log/") and not raised:
             raised.append(key)
             raise StorageError("timeout after the request was sent", key=key)
