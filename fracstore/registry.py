@@ -298,6 +298,7 @@ class Registry:
             try:
                 data = self.backend.read(log_key(seq))
             except NotFoundError:
+                self._check_end(seq)
                 return out
             entry = Entry.from_bytes(data, seq=seq)
             if entry.prev != prev:

@@ -21,6 +21,7 @@ from . import canonical
 from .config import MAX_ENTRY_BYTES
 from .digest import Descriptor, Digest
 from .errors import FormatError, IntegrityError
+from .layout import log_key
 
 ENTRY_FORMAT = 1
 OPS = ("publish", "tag", "untag", "delete", "gc-begin", "gc-end")
@@ -230,7 +231,7 @@ class RegistryState:
             raise IntegrityError(
                 f"registry log entry {entry.seq} does not follow entry {self.seq} (its prev is {entry.prev}, the log "
                 f"has {self.tip}): the log was rewritten or an entry removed",
-                key=f"log/{entry.seq}",
+                key=log_key(entry.seq),
                 expected=str(self.tip),
                 actual=str(entry.prev),
             )

@@ -308,10 +308,6 @@ def test_decodable_edit_of_a_middle_entry_breaks_the_chain(store_path: Path, tmp
         store.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: RegistryState.apply sets IntegrityError.key to 'log/3' (not a store key) instead of log_key(3)",
-)
 def test_broken_chain_error_names_the_store_key(store_path: Path, tmp_path: Path) -> None:
     _history(store_path)
     path = _entry_path(store_path, 2)
@@ -354,11 +350,6 @@ def test_removed_middle_entry_is_detected_on_replay(store_path: Path, tmp_path: 
     assert sorted(p.name for p in (store_path / "log").iterdir()) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Registry.entries() (store.log()) stops silently at a removed entry instead of raising "
-    "IntegrityError; only refresh() runs the hole check",
-)
 def test_removed_middle_entry_is_detected_by_the_chain_check(store_path: Path, tmp_path: Path) -> None:
     _history(store_path)
     os.unlink(store_path / log_key(2))
