@@ -81,6 +81,7 @@ class Registry:
         self._state_cache = state_cache
         self._sleep = sleep
         self._state: RegistryState | None = None
+        self._snapshot: RegistryState | None = None
         self._lock = threading.RLock()
         self._host = socket.gethostname()
         self._failed_creates = 0
@@ -88,7 +89,9 @@ class Registry:
     # -- reading ----------------------------------------------------------------------------------------------
 
     def refresh(self) -> RegistryState:
-        """Replay the log up to its current tip and return the state (a snapshot the caller may keep).
+        """Replay the log up to its current tip and return the state.
+
+        The returned state is a snapshot shared by every caller until the log moves on: treat it as read-only.
 
         Raises:
             IntegrityError: the hash chain is broken.
@@ -102,7 +105,13 @@ class Registry:
             self._state = state
             if state.seq != start:
                 self._save_state_cache(state)
-            return state.snapshot()
+            return self._snapshot_of(state)
+
+    def _snapshot_of(self, state: RegistryState) -> RegistryState:
+        # Copying is O(state); most refreshes find nothing new, so one copy per log position is shared.
+        if self._snapshot is None or self._snapshot.seq != state.seq:
+            self._snapshot = state.snapshot()
+        return self._snapshot
 
     def _read_forward(self, state: RegistryState) -> None:
         while True:
@@ -268,7 +277,7 @@ class Registry:
         self._state = state
         self._read_forward(state)
         self._save_state_cache(state)
-        return state.snapshot()
+        return self._snapshot_of(state)
 
     def _entry_at(self, seq: int) -> Entry:
         return Entry.from_bytes(self.backend.read(log_key(seq)), seq=seq)
