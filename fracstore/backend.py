@@ -315,7 +315,7 @@ class Backend:
 
     # -- local disk -------------------------------------------------------------------------------------------
 
-    def _local_write_temp(self, final: Path, data: Data, *, mode: int) -> Path:
+    def _local_write_temp(self, final: Path, data: Data, *, mode: int, sync_folder: bool = True) -> Path:
         created_dirs = _mkdirs(final.parent)
         fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)  # O_EXCL, random name
         tmp = Path(tmp_name)
@@ -330,19 +330,29 @@ class Backend:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        for folder in created_dirs:
-            _fsync_dir(folder.parent)
+        if sync_folder:  # else sync_folders() covers the new folders' entries in their parents
+            for folder in created_dirs:
+                _fsync_dir(folder.parent)
         return tmp
 
     def sync_folders(self, keys: Iterable[str]) -> None:
-        """Make the names of objects created with ``sync_folder=False`` durable: fsync each of their folders once.
+        """Make the names of objects created with ``sync_folder=False`` durable: fsync each of their folders, and
+        the folders above them up to the store root, once.
 
         Raises:
             StorageError: an fsync failed.
         """
         if self._local_root is None:
             return  # object stores commit a name with the object itself
-        folders = {self._local(key).parent for key in keys}
+        folders: set[Path] = set()
+        for key in keys:
+            # The folder holding the name, and every folder up to the root: any of them may be new.
+            folder = self._local(key).parent
+            while folder not in folders and folder != self._local_root.parent:
+                folders.add(folder)
+                if folder == self._local_root:
+                    break
+                folder = folder.parent
         for folder in sorted(folders):
             with self._translate(str(folder.relative_to(self._local_root)), "sync"):
                 _fsync_dir(folder)
@@ -350,7 +360,7 @@ class Backend:
     def _local_put_if_absent(self, final: Path, data: Data, *, sync_folder: bool) -> bool:
         if final.exists():  # cheap early exit; the link below is what decides
             return False
-        tmp = self._local_write_temp(final, data, mode=0o444)
+        tmp = self._local_write_temp(final, data, mode=0o444, sync_folder=sync_folder)
         try:
             os.link(tmp, final)
         except FileExistsError:
