@@ -183,8 +183,9 @@ class Backend:
         """
         with self._translate(key, "stat"):
             if self._local_root is not None:
-                # Direct stat: LocalFileSystem.info follows the same path but costs several times more per call.
-                return os.stat(self._local(key)).st_size
+                # Direct lstat: LocalFileSystem.info costs several times more per call, and follows links. A link
+                # is never something fracstore wrote, so it reports its own size and never passes a size check.
+                return os.lstat(self._local(key)).st_size
             return int(self.fs.info(self._path(key))["size"])
 
     def exists(self, key: str) -> bool:

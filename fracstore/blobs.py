@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from stat import S_ISREG
@@ -23,6 +22,7 @@ from stat import S_ISREG
 import msgpack
 
 from .backend import Backend, Data
+from .cache import read_cached, write_cached
 from .digest import Descriptor, Digest
 from .errors import FormatError, IntegrityError, NotFoundError, StorageError
 from .layout import BLOBS_PREFIX, blob_key, digest_from_blob_key
@@ -226,10 +226,11 @@ class BlobStore:
         record = self._record_path(digest)
         if record is None:
             return None
+        data = read_cached(record)
         try:
-            value = msgpack.unpackb(record.read_bytes())
-        except (OSError, ValueError, msgpack.UnpackException):
-            return None  # a missing or unreadable record only costs a re-hash
+            value = msgpack.unpackb(data) if data is not None else None
+        except (ValueError, msgpack.UnpackException):
+            return None  # an unreadable record only costs a re-hash
         return tuple(value) if isinstance(value, list) else None
 
     def _record_verified(self, digest: Digest) -> None:
@@ -243,11 +244,7 @@ class BlobStore:
         if record is None:
             return
         try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(msgpack.packb(list(identity)))
-            os.replace(tmp, record)
+            write_cached(record, msgpack.packb(list(identity)))
         except OSError as exc:
             # The record is an optimisation; failing to write it must not fail a save or load, but a cache folder
             # that cannot be written at all is worth an error the user can act on.

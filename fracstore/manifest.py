@@ -306,9 +306,9 @@ class Manifest:
                 model_type=raw["model_type"],
                 created_at=raw["created_at"],
                 description=raw.get("description", ""),
-                labels=tuple(raw.get("tags", ())),
-                config=raw.get("config") or {},
-                metrics=raw.get("metrics") or {},
+                labels=tuple(_typed(raw.get("tags", []), list, "tags")),
+                config=_typed(raw.get("config", {}), dict, "config"),
+                metrics=_typed(raw.get("metrics", {}), dict, "metrics"),
                 training=TrainingSummary(
                     **{k: training[k] for k in TrainingSummary.__dataclass_fields__ if k in training}
                 ),
@@ -316,12 +316,14 @@ class Manifest:
                 parent=None if raw.get("parent") is None else Digest.parse(raw["parent"]),
                 tensors=tuple(_tensor_from_dict(t) for t in raw.get("tensors", ())),
                 files=tuple(
-                    FileEntry(f["path"], Digest.parse(f["blob"]), int(f["size"]), f.get("media_type", ""))
+                    FileEntry(f["path"], Digest.parse(f["blob"]), _count(f["size"]), f.get("media_type", ""))
                     for f in raw.get("files", ())
                 ),
                 history=None if history is None else Digest.parse(history["digest"]),
-                history_size=0 if history is None else int(history["size"]),
-                tensor_blobs=tuple(Descriptor(Digest.parse(b["digest"]), int(b["size"])) for b in raw.get("blobs", ())),
+                history_size=0 if history is None else _count(history["size"]),
+                tensor_blobs=tuple(
+                    Descriptor(Digest.parse(b["digest"]), _count(b["size"])) for b in raw.get("blobs", ())
+                ),
             )
         except FormatError:
             raise
@@ -342,12 +344,24 @@ def _tensor_to_dict(entry: TensorEntry) -> dict[str, Any]:
     }
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FormatError(f"manifest holds {value!r} where a count (int >= 0) belongs")
+    return value
+
+
+def _typed(value: Any, expected: type, field: str) -> Any:
+    if not isinstance(value, expected):
+        raise FormatError(f"manifest field {field!r} must be a {expected.__name__}, not {type(value).__name__}")
+    return value
+
+
 def _tensor_from_dict(raw: Mapping[str, Any]) -> TensorEntry:
     return TensorEntry(
         name=raw["name"],
         dtype=raw["dtype"],
-        shape=tuple(int(d) for d in raw["shape"]),
-        size=int(raw["size"]),
+        shape=tuple(_count(d) for d in raw["shape"]),
+        size=_count(raw["size"]),
         digest=Digest.parse(raw["digest"]),
         blob=Digest.parse(raw["blob"]),
         key=raw["key"],

@@ -19,7 +19,6 @@ import os
 import random
 import secrets
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from . import canonical
 from .backend import Backend
+from .cache import read_cached, write_cached
 from .config import StoreOptions
 from .digest import Descriptor, Digest
 from .errors import ConflictError, FormatError, IntegrityError, NotFoundError, StorageError
@@ -129,7 +129,8 @@ class Registry:
         One extra read catches the removal of a single entry (the common damage: a sync tool or a hand-deleted
         file); a full listing would catch every removal but costs O(history) on every refresh.
         """
-        if self.backend.exists(log_key(missing + 1)):
+        # Re-read the missing entry after seeing its successor: writers may have created both in between.
+        if self.backend.exists(log_key(missing + 1)) and not self.backend.exists(log_key(missing)):
             raise IntegrityError(
                 f"registry log of {self.backend.url} has entry {missing + 1} but no entry {missing}: entries were "
                 "removed. Restore the missing log entry from a copy of the store; do not write to this store meanwhile",
@@ -175,27 +176,18 @@ class Registry:
         return state if state.seq == seq else None
 
     def _load_state_cache(self) -> RegistryState | None:
-        if self._state_cache is None:
+        data = None if self._state_cache is None else read_cached(self._state_cache)
+        if data is None:
             return None
         try:
-            raw = canonical.decode(self._state_cache.read_bytes(), what="replay cache", max_bytes=_MAX_STATE_BYTES)
-            return RegistryState.from_dict(raw)
-        except (OSError, FormatError):
+            return RegistryState.from_dict(canonical.decode(data, what="replay cache", max_bytes=_MAX_STATE_BYTES))
+        except FormatError:
             return None  # the cache is only an optimisation
 
     def _save_state_cache(self, state: RegistryState) -> None:
-        if self._state_cache is None:
-            return
-        with contextlib.suppress(OSError):
-            self._state_cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._state_cache.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(canonical.encode(state.to_dict()))
-                os.replace(tmp, self._state_cache)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        if self._state_cache is not None:
+            with contextlib.suppress(OSError):
+                write_cached(self._state_cache, canonical.encode(state.to_dict()))
 
     # -- appending --------------------------------------------------------------------------------------------
 

@@ -271,8 +271,9 @@ class Store:
         manifest_bytes = manifest.to_bytes()
         manifest_ref = self._put_counted(manifest_bytes, tally)
         self._manifests[manifest_ref.digest] = manifest
-        # The blobs' data was fsynced as each was written; now make their names durable, once per folder.
-        self.backend.sync_folders(blob_key(d.digest) for d in tally.created)
+        # The blobs' data was fsynced as each was written; now make their names durable, once per folder. Folders
+        # of blobs this save found already present are included: a concurrent save may not have synced them yet.
+        self.backend.sync_folders(blob_key(d.digest) for d in (*manifest.references(), manifest_ref))
         self._confirm(manifest, manifest_ref)
         version = self._publish(name, manifest_ref.digest)
         references = manifest.references()
@@ -365,8 +366,12 @@ class Store:
             _, version = self._resolve(Ref.parse(parent), self.registry.refresh())
             return version.manifest
         # A parent given by digest may be a deleted version, but it must be a manifest this store has (or had).
-        if not self.backend.exists(blob_key(parent)):
-            raise NotFoundError(f"parent {parent} is not a manifest in {self.url}", what=str(parent), store=self.url)
+        try:
+            self.manifest(parent)
+        except NotFoundError:
+            raise NotFoundError(f"parent {parent} is not in {self.url}", what=str(parent), store=self.url) from None
+        except FormatError:
+            raise FormatError(f"parent {parent} in {self.url} is a blob but not a manifest") from None
         return parent
 
     # -- resolve ----------------------------------------------------------------------------------------------
@@ -758,12 +763,10 @@ def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for key, value in metrics.items():
         if not isinstance(key, str) or not key:
             raise FormatError(f"metric names must be non-empty strings, not {key!r}")
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            raise FormatError(f"metric {key!r} must be a number, not {value!r}") from None
-        if isinstance(value, bool):
-            raise FormatError(f"metric {key!r} must be a number, not a bool")
+        plain = canonical.normalize(value, where=f"metric {key!r}")  # numpy / torch scalars become numbers
+        if isinstance(plain, bool) or not isinstance(plain, int | float):
+            raise FormatError(f"metric {key!r} must be a number, not {value!r}")
+        out[key] = float(plain)
     return out
 
 
@@ -829,6 +832,8 @@ def _open_marker(backend: Backend, *, create: bool) -> str:
         if version > STORE_FORMAT:
             raise FormatError(f"{backend.url} is a store of a newer format than this fracstore reads; upgrade")
         store_id = str(uuid.UUID(str(raw["store_id"])))
+    except FormatError:
+        raise
     except (KeyError, ValueError) as exc:
         raise FormatError(f"{backend.url}/{MARKER_KEY} is not a fracstore store marker: {exc}") from exc
     return store_id
