@@ -24,6 +24,7 @@ from .errors import (
     IntegrityError,
     NotAvailableError,
     NotFoundError,
+    OutcomeUnknownError,
     StorageError,
     UnsupportedBackendError,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "ModelRecord",
     "NotAvailableError",
     "NotFoundError",
+    "OutcomeUnknownError",
     "RecordTable",
     "Ref",
     "SavedModel",

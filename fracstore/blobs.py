@@ -60,26 +60,46 @@ class BlobStore:
 
     # -- writes -----------------------------------------------------------------------------------------------
 
-    def put(self, descriptor: Descriptor, data: Data, *, sync_folder: bool = True) -> bool:
+    def put(self, descriptor: Descriptor, data: Data, *, sync_folder: bool = True, mutable: bool = False) -> bool:
         """Store ``data``, which the caller has hashed to ``descriptor``. Returns True if bytes were written.
 
-        An existing blob of the right size is kept (identical bytes are stored once). One of the wrong size is
-        corrupt; since the right bytes are in hand, it is replaced. ``sync_folder=False`` defers making the new
-        name durable to :meth:`Backend.sync_folders` (see there).
+        Identical bytes are stored once: an existing blob is kept when it is known good (right size, and on a local
+        disk a matching verified-state record or a fresh re-hash). A corrupt one is replaced, since the right bytes
+        are in hand. ``sync_folder=False`` defers making the new name durable to :meth:`Backend.sync_folders`.
+
+        Args:
+            mutable: ``data`` views memory that may change meanwhile (a live tensor). The bytes are then hashed again
+                as they are written and the write is abandoned, before the blob gets its name, if they differ.
+
+        Raises:
+            IntegrityError: with ``mutable``, the data changed between hashing and writing.
         """
         key = blob_key(descriptor.digest)
-        try:
-            existing = self.backend.size(key)
-        except NotFoundError:
-            existing = None
-        if existing == descriptor.size:
+        if self._present_and_good(descriptor):
             return False
-        if existing is not None:
-            self.backend.delete(key)
-        created = self.backend.put_if_absent(key, data, sync_folder=sync_folder)
+        if self.backend.exists(key):
+            self.backend.delete(key)  # corrupt: replace it with the bytes in hand
+        stream = _rehashed(data, descriptor, self.backend.url) if mutable else data
+        created = self.backend.put_if_absent(key, stream, sync_folder=sync_folder)
         if created:
             self._record_verified(descriptor.digest)
         return created
+
+    def _present_and_good(self, descriptor: Descriptor) -> bool:
+        try:
+            size = self.backend.size(blob_key(descriptor.digest))
+        except NotFoundError:
+            return False
+        if size != descriptor.size:
+            return False
+        path = self.backend.local_path(blob_key(descriptor.digest))
+        if path is None:
+            return True  # remote: trusted by size; reads verify the hash (docs/format.md, write order)
+        try:
+            self.local_file(descriptor)  # stat against the record, re-hash when it is stale
+        except IntegrityError:
+            return False
+        return True
 
     def put_bytes(self, data: bytes, *, sync_folder: bool = True) -> tuple[Descriptor, bool]:
         """Hash and store ``data``. Returns its descriptor and whether bytes were written."""
@@ -253,6 +273,24 @@ class BlobStore:
                     f"cannot write the verified-state record under {record.parent}: {exc}; set cache_dir= or "
                     "FRACSTORE_CACHE_DIR to a writable folder"
                 ) from exc
+
+
+def _rehashed(data: Data, descriptor: Descriptor, store: str) -> Iterator[bytes | bytearray | memoryview]:
+    """Yield ``data``'s chunks while hashing them; raise before the last write completes if they no longer match."""
+    hasher = hashlib.sha256()
+    size = 0
+    for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+        hasher.update(chunk)
+        size += memoryview(chunk).nbytes
+        yield chunk
+    if size != descriptor.size or hasher.hexdigest() != descriptor.digest.hex:
+        raise IntegrityError(
+            f"the data of blob {descriptor.digest} changed while it was being written to {store} (is another thread "
+            "updating the model?); nothing was stored under that name. Save a copy or pause training while saving",
+            key=blob_key(descriptor.digest),
+            expected=str(descriptor.digest),
+            store=store,
+        )
 
 
 def _identity(stat: os.stat_result) -> tuple[int, ...]:

@@ -106,7 +106,8 @@ class _Source:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's data as little-endian bytes, from CPU memory, without a copy when it is already contiguous."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    # resolve_conj/resolve_neg: lazily conjugated or negated views cannot be reinterpreted as bytes.
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().data.cast("B")
 
 
@@ -159,17 +160,20 @@ class MaterializedBlob:
         Returns:
             the blob's descriptor and ``{tensor name: tensor digest}`` for its members.
         """
-        hasher = hashlib.sha256()
-        for chunk in self.chunks:
-            hasher.update(chunk)
+        header, *datas = self.chunks
+        hasher = hashlib.sha256(header)
+        member_digests = {}
+        for (_, source), data in zip(self.pending.members, datas, strict=True):
+            hasher.update(data)
+            if self.pending.packed:  # each member's own digest from the same read of its memory
+                single = hashlib.sha256(
+                    _header([(SINGLE_KEY, source.dtype, tuple(source.tensor.shape), source.nbytes)])
+                )
+                single.update(data)
+                member_digests[source.name] = Digest(single.hexdigest())
         blob = Descriptor(Digest(hasher.hexdigest()), self.pending.size)
         if not self.pending.packed:
             return blob, {source.name: blob.digest for _, source in self.pending.members}
-        member_digests = {}
-        for (_, source), data in zip(self.pending.members, self.chunks[1:], strict=True):
-            single = hashlib.sha256(_header([(SINGLE_KEY, source.dtype, tuple(source.tensor.shape), source.nbytes)]))
-            single.update(data)
-            member_digests[source.name] = Digest(single.hexdigest())
         return blob, member_digests
 
 

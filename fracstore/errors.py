@@ -87,6 +87,20 @@ class StorageError(FracstoreError, OSError):
         self.store = store
 
 
+class OutcomeUnknownError(StorageError):
+    """A registry write may or may not have landed, and reading it back failed too.
+
+    Attributes:
+        seq: the log position written.
+        commit: the writer's commit id; an entry at ``seq`` with this commit means the write landed.
+    """
+
+    def __init__(self, message: str, *, key: str, store: str, seq: int, commit: str) -> None:
+        super().__init__(message, key=key, store=store)
+        self.seq = seq
+        self.commit = commit
+
+
 class UnsupportedBackendError(StorageError):
     """The backend cannot give the guarantees registry writes need (an atomic create-if-absent)."""
 

@@ -30,12 +30,13 @@ from .backend import Backend
 from .cache import read_cached, write_cached
 from .config import StoreOptions
 from .digest import Descriptor, Digest
-from .errors import ConflictError, FormatError, IntegrityError, NotFoundError, StorageError
+from .errors import ConflictError, FormatError, IntegrityError, NotFoundError, OutcomeUnknownError, StorageError
 from .layout import CHECKPOINT_POINTER_KEY, CHECKPOINTS_PREFIX, checkpoint_key, log_key, seq_from_key
 from .manifest import now
 from .registry_state import Entry, RegistryState, Writer
 
 _MAX_STATE_BYTES = 256 * 1024 * 1024
+_READ_BACK_ATTEMPTS = 4  # reads of an entry whose write outcome is unknown (0.2 + 0.4 + 0.8 s of waits)
 _MAX_FAILED_CREATES = 3  # storage errors with nothing landed, per append, before the error is raised
 
 
@@ -234,7 +235,7 @@ class Registry:
             if self.backend.put_if_absent(key, data):
                 return True
         except StorageError:
-            landed = self._read_back(key)
+            landed = self._read_back(entry)
             if landed is None:
                 # Nothing landed. A transient error is worth the loop's retry; the same error every time is not a
                 # lost race, so it surfaces as itself rather than as a ConflictError after every attempt.
@@ -244,20 +245,31 @@ class Registry:
                 return False
             return landed == data
         # "Exists" may be our own write landing twice (a client that retried a request that had succeeded).
-        return self._read_back(key) == data
+        return self._read_back(entry) == data
 
-    def _read_back(self, key: str) -> bytes | None:
-        try:
-            return self.backend.read(key)
-        except NotFoundError:
-            return None
-        except StorageError as exc:
-            raise StorageError(
-                f"the outcome of writing {key} to {self.backend.url} is unknown and it cannot be read back ({exc}); "
-                "run the operation again once the store is reachable: it will not be applied twice",
-                key=key,
-                store=self.backend.url,
-            ) from exc
+    def _read_back(self, entry: Entry) -> bytes | None:
+        """The bytes now at ``entry``'s key, or None. Retried a few times: giving up here leaves the outcome of a
+        write unknown, which costs the caller far more than a short wait."""
+        key = log_key(entry.seq)
+        for attempt in range(_READ_BACK_ATTEMPTS):
+            try:
+                return self.backend.read(key)
+            except NotFoundError:
+                return None
+            except StorageError as exc:
+                if attempt + 1 == _READ_BACK_ATTEMPTS:
+                    raise OutcomeUnknownError(
+                        f"writing registry entry {entry.seq} ({entry.op} {entry.name or ''}) to {self.backend.url} "
+                        f"failed, and reading it back failed too ({exc}), so whether it was applied is unknown. Once "
+                        f"the store is reachable, check store.log() for an entry with commit {entry.writer.commit} "
+                        "at that position before running the operation again",
+                        key=key,
+                        store=self.backend.url,
+                        seq=entry.seq,
+                        commit=entry.writer.commit,
+                    ) from exc
+                self._sleep(0.2 * 2**attempt)
+        return None  # unreachable: the loop returns or raises
 
     def _applied(self, entry: Entry) -> RegistryState:
         data = entry.to_bytes()

@@ -303,7 +303,7 @@ class Store:
 
         def write(materialized: MaterializedBlob, descriptor: Descriptor) -> bool:
             try:
-                return self.blobs.put(descriptor, materialized.chunks, sync_folder=False)
+                return self.blobs.put(descriptor, materialized.chunks, sync_folder=False, mutable=True)
             finally:
                 backlog.release()
 
@@ -348,18 +348,21 @@ class Store:
             )
 
     def _publish(self, name: str, manifest: Digest) -> int:
+        existing: list[int] = []
+
         def decide(state: RegistryState) -> Change | None:
             named = state.names.get(name)
-            if named is not None and any(v.manifest == manifest for v in named.live()):
+            existing[:] = [v.version for v in named.live() if v.manifest == manifest] if named is not None else []
+            if existing:
                 return None  # already published (a retried save, or a push of a version the store has)
             return Change("publish", name=name, manifest=manifest)
 
-        _, state = self.registry.append(decide)
-        named = state.names[name]
-        for version in reversed(named.live()):
-            if version.manifest == manifest:
-                return version.version
-        raise ConflictError(f"the publish of {name} was applied but its version is gone (deleted meanwhile?)")
+        entry, state = self.registry.append(decide)
+        if entry is None:
+            return existing[-1]
+        # The version is the one this entry created, whatever other writers did after it (even a delete).
+        (version,) = [v.version for v in state.names[name].versions if v.seq == entry.seq]
+        return version
 
     def _parent_digest(self, parent: str | Digest) -> Digest:
         if not isinstance(parent, Digest):
@@ -697,11 +700,11 @@ class Store:
         """
         check_name(tag, what="tag")
         parsed = Ref.parse(ref)
-        chosen: list[str] = []
+        chosen: list[Any] = []
 
         def decide(state: RegistryState) -> Change | None:
             name, version = self._resolve(parsed, state)
-            chosen[:] = [name]
+            chosen[:] = [name, version]
             current = state.names[name].tags.get(tag)
             if expected is not _UNSET and current != expected:
                 raise ConflictError(
@@ -713,7 +716,8 @@ class Store:
             return Change("tag", name=name, tag=tag, version=version.version)
 
         _, state = self.registry.append(decide)
-        name, version = self._resolve(Ref(f"{chosen[0]}:{tag}", name=chosen[0], tag=tag), state)
+        # What this call tagged, as decided at the tip it extended (later writers may have moved the tag since).
+        name, version = chosen
         return self._record(name, version, state)
 
     def untag(self, name: str, tag: str) -> None:

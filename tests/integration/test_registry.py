@@ -101,3 +101,73 @@ def test_a_symlinked_blob_is_refused(store: Store, store_path: Path, tmp_path: P
     path.symlink_to(elsewhere)
     with pytest.raises(IntegrityError, match="not a regular file"):
         Store.open(store_path).load(saved.ref)
+
+
+def test_an_unknown_outcome_names_the_commit_to_look_for(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fracstore import OutcomeUnknownError
+
+    _publish(store, 1)
+    monkeypatch.setattr(store.registry, "_sleep", lambda seconds: None)
+    original_put, original_read = Backend.put_if_absent, Backend.read
+    state = {"landed": False}
+
+    def lands_then_fails(self: Backend, key: str, data: object, **options: bool) -> bool:
+        created = original_put(self, key, data, **options)  # type: ignore[arg-type]
+        if key.startswith("log/") and not state["landed"]:
+            state["landed"] = True
+            raise StorageError("connection reset", key=key)
+        return created
+
+    def unreadable(self: Backend, key: str) -> bytes:
+        if state["landed"] and key == log_key(2):
+            raise StorageError("connection reset", key=key)
+        return original_read(self, key)
+
+    monkeypatch.setattr(Backend, "put_if_absent", lands_then_fails)
+    monkeypatch.setattr(Backend, "read", unreadable)
+    with pytest.raises(OutcomeUnknownError, match=r"check store\.log\(\)") as info:
+        store.delete("m")
+    assert info.value.seq == 2
+    monkeypatch.setattr(Backend, "read", original_read)
+    (entry,) = [e for e in Store.open(store.url).log() if e.writer.commit == info.value.commit]
+    assert (entry.seq, entry.op, entry.version) == (2, "delete", 1)
+
+
+def test_save_reports_its_own_version_even_if_deleted_right_after(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = Store.open(store.url)
+    original = store.registry._applied
+
+    def delete_in_between(entry: object) -> object:
+        other.delete("m")  # another writer deletes the new version before this one reads on
+        return original(entry)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.registry, "_applied", delete_in_between)
+    saved = store.save({"w": torch.ones(2)}, name="m")
+    assert saved.version == 1
+    assert [e.op for e in store.log()] == ["publish", "delete"]
+
+
+def test_a_tensor_changed_during_its_save_is_refused_not_stored(
+    store: Store, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fracstore.codec import MaterializedBlob
+
+    weight = torch.zeros(512, 512)
+    original = MaterializedBlob.hash
+
+    def hash_then_train(self: MaterializedBlob) -> object:
+        result = original(self)
+        weight.add_(1.0)  # an optimizer step lands between hashing and writing
+        return result
+
+    monkeypatch.setattr(MaterializedBlob, "hash", hash_then_train)
+    with pytest.raises(IntegrityError, match="changed while it was being written"):
+        store.save({"w": weight}, name="m")
+    assert store.list().records == []
+    for path in (store_path / "blobs").rglob("*"):
+        if path.is_file():  # nothing under a blob name holds bytes that do not hash to it
+            from fracstore.blobs import hash_file
+
+            assert hash_file(path)[0].hex == path.name
