@@ -126,7 +126,8 @@ class Backend:
         return key
 
     def _local(self, key: str) -> Path:
-        assert self._local_root is not None  # callers check is_local first
+        if self._local_root is None:
+            raise StorageError(f"{self.url} is not a local store", key=key, store=self.url)
         return self._local_root / self._check_key(key)
 
     def _path(self, key: str) -> str:

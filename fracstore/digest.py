@@ -67,17 +67,6 @@ class Digest:
         return f"{ALGORITHM}:{self.hex}"
 
 
-def looks_like_digest_prefix(text: str) -> bool:
-    """True for ``sha256:<1-64 hex>``: a digest or a prefix of one (used by ref resolution)."""
-    algorithm, sep, hex_part = text.partition(":")
-    return (
-        bool(sep)
-        and algorithm == ALGORITHM
-        and 0 < len(hex_part) <= 64
-        and re.fullmatch(r"[0-9a-f]+", hex_part) is not None
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Descriptor:
     """A reference to a blob: its digest and its size in bytes (the OCI descriptor without a media type)."""

@@ -3,6 +3,7 @@ caller's registration, never from the manifest (DESIGN.md section 9: a manifest 
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -29,8 +30,12 @@ def register_model_type(name: str) -> Callable[[type[T]], type[T]]:
     def decorate(cls: type[T]) -> type[T]:
         with _lock:
             taken = _registry.get(name)
-            if taken is not None and taken is not cls and taken.__qualname__ != cls.__qualname__:
-                raise ConfigError(f"model type {name!r} is already registered to {taken.__qualname__}")
+            # The same class re-imported (a reloaded module, a notebook cell run twice) may take its name again.
+            same = taken is not None and (taken.__module__, taken.__qualname__) == (cls.__module__, cls.__qualname__)
+            if taken is not None and taken is not cls and not same:
+                raise ConfigError(
+                    f"model type {name!r} is already registered to {taken.__module__}.{taken.__qualname__}"
+                )
             _registry[name] = cls
         return cls
 
@@ -71,7 +76,8 @@ def build(model_type: str, config: Mapping[str, Any]) -> Any:
         )
     try:
         from_config = getattr(cls, "from_config", None)
-        return from_config(dict(config)) if callable(from_config) else cls(**dict(config))
+        own = copy.deepcopy(dict(config))  # the constructor may change what it is given
+        return from_config(own) if callable(from_config) else cls(**own)
     except TypeError as exc:
         raise ConfigError(
             f"cannot build {cls.__qualname__} (model type {model_type!r}) from its saved config: {exc}. Give the "

@@ -89,8 +89,12 @@ class Ref:
         return None
 
 
-# Metric names that are better when lower, by the words they contain; anything else is better when higher.
-_LOWER_IS_BETTER = re.compile(r"(loss|error|err|mse|mae|rmse|nll|perplexity|duration|time|latency|residual)", re.I)
+# Metric names that are better when lower, by the words they are made of (split at "_", "-", "." and spaces, so
+# "val_loss" is a loss but "lifetime_reward" is not a time); anything else is better when higher.
+_LOWER_IS_BETTER = frozenset(
+    {"loss", "error", "err", "mse", "mae", "rmse", "nll", "perplexity", "duration", "time", "latency", "residual"}
+)
+_BETTER_WORDS = frozenset({"reduction", "improvement", "gain", "accuracy", "reward", "score"})
 
 # Seed-compatible metric names that live in the training summary rather than in ``metrics``.
 _SUMMARY_METRICS: Mapping[str, str] = {
@@ -107,7 +111,14 @@ _SUMMARY_METRICS: Mapping[str, str] = {
 
 def infer_mode(metric: str) -> str:
     """``"min"`` for losses, errors, durations; ``"max"`` otherwise (accuracy, r2, ...)."""
-    return "min" if _LOWER_IS_BETTER.search(metric) else "max"
+    words = [w for w in re.split(r"[_\-.\s]+", metric.lower()) if w]
+    # The last word decides: "error_reduction" is a reduction (higher is better), "reward_time" a time.
+    for word in reversed(words):
+        if word in _LOWER_IS_BETTER:
+            return "min"
+        if word in _BETTER_WORDS:
+            return "max"
+    return "max"
 
 
 @dataclass(frozen=True, slots=True)

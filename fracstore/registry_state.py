@@ -304,8 +304,18 @@ class RegistryState:
                     for i, (digest, seq, time, deleted) in enumerate(data["versions"])
                 ]
                 names[name] = NameState(versions, {str(t): int(v) for t, v in data["tags"].items()})
+            seq = int(raw["seq"])
+            for name, named in names.items():
+                # What replay guarantees, so a forged or damaged checkpoint is refused rather than half believed.
+                seqs = [v.seq for v in named.versions]
+                if seqs != sorted(set(seqs)) or (seqs and not (seqs[0] > 0 and seqs[-1] <= seq)):
+                    raise FormatError(f"registry checkpoint: versions of {name!r} are out of order")
+                for tag, version in named.tags.items():
+                    target = named.get(version)
+                    if target is None or target.deleted:
+                        raise FormatError(f"registry checkpoint: tag {name}:{tag} points at no live version")
             return cls(
-                seq=int(raw["seq"]),
+                seq=seq,
                 tip=None if raw["tip"] is None else Digest.parse(raw["tip"]),
                 names=names,
                 gc_runs={int(s): Descriptor(Digest.parse(d), int(z)) for s, d, z in raw.get("gc_runs", ())},

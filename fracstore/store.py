@@ -8,6 +8,7 @@ visible version or unreferenced blobs only. Reads go the other way: registry, ma
 from __future__ import annotations
 
 import builtins
+import copy
 import difflib
 import os
 import threading
@@ -26,7 +27,15 @@ from .blobs import BlobStore
 from .codec import MaterializedBlob, PendingBlob, decode_state_dict, plan_state_dict
 from .config import MAX_MANIFEST_BYTES, StoreOptions, default_cache_dir
 from .digest import Descriptor, Digest
-from .errors import AmbiguousRefError, ConflictError, FormatError, NotFoundError, StorageError
+from .errors import (
+    AmbiguousRefError,
+    ConfigError,
+    ConflictError,
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+)
 from .layout import MARKER_KEY, blob_key
 from .manifest import (
     FileEntry,
@@ -220,6 +229,12 @@ class Store:
             StorageError: the backend failed (only unreferenced blobs can be left behind).
         """
         check_name(name)
+        _check_option("config", config, Mapping)
+        _check_option("metrics", metrics, Mapping)
+        _check_option("training", training, (Mapping, TrainingSummary))
+        _check_option("files", files, Mapping)
+        _check_option("history", history, (Mapping, list, tuple))
+        tags = () if tags is None else tags
         if isinstance(model, torch.nn.Module):
             state_dict: Mapping[str, Any] = model.state_dict()
             if model_type is None:
@@ -382,12 +397,12 @@ class Store:
     def _resolve(self, ref: Ref, state: RegistryState) -> tuple[str, VersionState]:
         if ref.digest_prefix is not None:
             return self._resolve_digest(ref.text, ref.digest_prefix, state)
-        assert ref.name is not None  # Ref.parse sets a name for every non-digest ref
-        named = state.names.get(ref.name)
+        name = ref.name or ""  # Ref.parse gives every non-digest ref a name
+        named = state.names.get(name)
         if named is None or not named.versions:
             if ref.bare_digest_prefix is not None:
                 return self._resolve_digest(ref.text, ref.bare_digest_prefix, state)
-            raise self._unknown_name(ref.name, state)
+            raise self._unknown_name(ref.text, state)
         live = named.live()
         if ref.version is None and not live:
             raise NotFoundError(
@@ -403,7 +418,7 @@ class Store:
                     what=ref.text,
                     store=self.url,
                 )
-            return ref.name, version
+            return name, version
         if ref.tag is not None:
             target = named.tags.get(ref.tag)
             if target is None:
@@ -412,9 +427,14 @@ class Store:
                     f"{ref.name} has no tag {ref.tag!r} in {self.url} (tags: {known})", what=ref.text, store=self.url
                 )
             version = named.get(target)
-            assert version is not None  # replay keeps tags only on live versions
-            return ref.name, version
-        return ref.name, live[-1]
+            if version is None or version.deleted:  # replay never leaves such a tag; a forged checkpoint could
+                raise IntegrityError(
+                    f"tag {ref.text} points at version {target}, which is not live: the replayed registry state is "
+                    "damaged. Delete the local cache folder's stores/ entry and retry",
+                    store=self.url,
+                )
+            return name, version
+        return name, live[-1]
 
     def _resolve_digest(self, text: str, prefix: str, state: RegistryState) -> tuple[str, VersionState]:
         matches = [
@@ -446,12 +466,13 @@ class Store:
         name, version = self._resolve(Ref.parse(ref), state)
         return self._record(name, version, state)
 
-    def manifest(self, digest: Digest) -> Manifest:
+    def manifest(self, digest: Digest | str) -> Manifest:
         """The verified manifest with that digest (immutable, so remembered for the life of this object).
 
         Raises:
             NotFoundError, IntegrityError, FormatError: missing, corrupt or undecodable.
         """
+        digest = Digest.parse(digest) if isinstance(digest, str) else digest
         cached = self._manifests.get(digest)
         if cached is not None:
             return cached
@@ -473,12 +494,12 @@ class Store:
             description=manifest.description,
             labels=manifest.labels,
             tags=tags,
-            metrics=manifest.metrics,
+            metrics=dict(manifest.metrics),  # copies: the cached manifest must not change under other callers
             training=manifest.training,
             parent=manifest.parent,
             size=sum(t.size for t in manifest.tensors if t.alias is None),
             tensor_count=len(manifest.tensors),
-            config=manifest.config,
+            config=copy.deepcopy(manifest.config),
         )
 
     # -- load -------------------------------------------------------------------------------------------------
@@ -511,7 +532,7 @@ class Store:
             IntegrityError: a blob is corrupt.
             FormatError: with ``strict``, the weights do not fit the module (the message lists the keys).
         """
-        return self._load(self.resolve(ref), device=device, into=into, strict=strict)
+        return self._load(self.resolve(ref), device=_check_device(device), into=into, strict=strict)
 
     def _load(
         self, record: ModelRecord, *, device: str | torch.device | None, into: torch.nn.Module | None, strict: bool
@@ -550,7 +571,7 @@ class Store:
         module = model_types.build(record.model_type, record.config)
         if not isinstance(module, torch.nn.Module):
             raise FormatError(f"model type {record.model_type!r} built a {type(module).__name__}, not an nn.Module")
-        return self._load(record, device=device, into=module, strict=strict)  # type: ignore[no-any-return]
+        return self._load(record, device=_check_device(device), into=module, strict=strict)  # type: ignore[no-any-return]
 
     def _fetch_verified(self, descriptors: Sequence[Descriptor]) -> dict[Digest, Path | bytes]:
         """Every blob verified, on all cores: a local file (stat-checked, re-hashed when its record is stale) or
@@ -593,7 +614,7 @@ class Store:
     def info(self, ref: str) -> ModelInfo:
         """A version's record and full manifest."""
         record = self.resolve(ref)
-        return ModelInfo(record, self.manifest(record.digest))
+        return ModelInfo(record, copy.deepcopy(self.manifest(record.digest)))
 
     # -- find -------------------------------------------------------------------------------------------------
 
@@ -621,8 +642,8 @@ class Store:
         query = Query(
             name=name,
             model_type=model_type,
-            tags=check_labels(tags),
-            where=tuple(w if isinstance(w, MetricFilter) else MetricFilter.parse(w) for w in where),
+            tags=check_labels(() if tags is None else tags),
+            where=_check_filters(where),
         )
         state = self.registry.refresh()
         records = []
@@ -760,6 +781,30 @@ class Store:
 
         self.registry.append(decide)
         return list(deleted)
+
+
+def _check_option(option: str, value: object, expected: type | tuple[type, ...]) -> None:
+    if value is not None and not isinstance(value, expected):
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        names = " or ".join("a mapping" if k is Mapping else k.__name__ for k in kinds)
+        raise FormatError(f"{option}= takes {names}, not {type(value).__name__} ({value!r:.60})")
+
+
+def _check_filters(where: Iterable[str | MetricFilter]) -> tuple[MetricFilter, ...]:
+    if isinstance(where, str):
+        raise FormatError(f"where= takes a list of filters, e.g. where=[{where!r}], not a single string")
+    return tuple(w if isinstance(w, MetricFilter) else MetricFilter.parse(w) for w in where)
+
+
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot load onto device {device!r}: {exc}") from exc
+    return parsed
 
 
 def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -45,3 +45,46 @@ def test_a_symlink_planted_under_a_blob_name_is_replaced_by_the_next_save(
     again = store.save({"w": weight.clone()}, name="m")  # dedup must not count the link as the blob
     assert not path.is_symlink()
     assert torch.equal(Store.open(store_path).load(again.ref)["w"], weight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"config": ["lr", 0.1]}, "config= takes a mapping"),
+        ({"metrics": 0.5}, "metrics= takes a mapping"),
+        ({"training": 5}, "training= takes"),
+        ({"files": ["a.txt"]}, "files= takes a mapping"),
+    ],
+)
+def test_wrong_option_types_are_format_errors(store: Store, kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(FormatError, match=needle):
+        store.save({"w": torch.ones(1)}, name="m", **kwargs)  # type: ignore[arg-type]
+    assert store.list().records == []
+
+
+def test_none_tags_mean_no_tags_and_where_must_be_a_list(store: Store) -> None:
+    store.save({"w": torch.ones(1)}, name="m", tags=None)  # type: ignore[arg-type]
+    assert len(store.list(tags=None)) == 1  # type: ignore[arg-type]
+    with pytest.raises(FormatError, match="not a single string"):
+        store.list(where="val_loss<1")  # type: ignore[arg-type]
+
+
+def test_an_unusable_device_is_a_config_error(store: Store) -> None:
+    from fracstore import ConfigError
+
+    store.save({"w": torch.ones(1)}, name="m")
+    with pytest.raises(ConfigError, match="device"):
+        store.load("m", device="cuda:7" if not torch.cuda.is_available() else "nosuchdevice")
+    with pytest.raises(ConfigError, match="device"):
+        store.load("m", device="nosuchdevice")
+
+
+def test_returned_records_and_infos_are_copies(store: Store) -> None:
+    store.save({"w": torch.ones(1)}, name="m", config={"sizes": [1, 2]}, metrics={"val_loss": 0.5})
+    record = store.resolve("m")
+    record.metrics["val_loss"] = 99.0  # type: ignore[index]
+    record.config["sizes"].append(3)
+    store.info("m").manifest.config["sizes"].append(4)
+    again = store.resolve("m")
+    assert again.metrics == {"val_loss": 0.5}
+    assert again.config == {"sizes": [1, 2]}

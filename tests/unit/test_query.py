@@ -122,3 +122,20 @@ def test_record_table_is_dataframe_like() -> None:
 def test_versions_are_ascii_decimal_and_sha256_is_reserved(text: str) -> None:
     with pytest.raises(FormatError):
         Ref.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [
+        ("lifetime_reward", "max"),
+        ("terrain_accuracy", "max"),
+        ("error_reduction", "max"),
+        ("val_loss_improvement", "max"),
+        ("uptime", "max"),
+        ("train-time", "min"),
+        ("best_val_loss", "min"),
+        ("MSE", "min"),
+    ],
+)
+def test_mode_inference_reads_whole_words(metric: str, mode: str) -> None:
+    assert infer_mode(metric) == mode

@@ -118,3 +118,15 @@ def test_entry_field_types_are_checked(fields: dict[str, Any]) -> None:
     base.update(fields)
     with pytest.raises(FormatError):
         Entry(seq=1, writer=WRITER, prev=None, **base)
+
+
+def test_checkpoints_that_replay_could_not_produce_are_refused() -> None:
+    state = replay(publish("a", 1), publish("a", 2), {"op": "tag", "name": "a", "tag": "p", "version": 2})
+    forged = state.to_dict()
+    forged["names"]["a"]["tags"]["p"] = 7
+    with pytest.raises(FormatError, match="no live version"):
+        RegistryState.from_dict(forged)
+    future = state.to_dict()
+    future["seq"] = 1  # versions published after the checkpoint's own position
+    with pytest.raises(FormatError, match="out of order"):
+        RegistryState.from_dict(future)
