@@ -37,6 +37,7 @@ from .registry_state import Entry, RegistryState, Writer
 
 _MAX_STATE_BYTES = 256 * 1024 * 1024
 _READ_BACK_ATTEMPTS = 4  # reads of an entry whose write outcome is unknown (0.2 + 0.4 + 0.8 s of waits)
+_CACHE_EVERY = 64  # own appends between rewrites of the replay cache
 _MAX_FAILED_CREATES = 3  # storage errors with nothing landed, per append, before the error is raised
 
 
@@ -83,6 +84,7 @@ class Registry:
         self._sleep = sleep
         self._state: RegistryState | None = None
         self._snapshot: RegistryState | None = None
+        self._cached_seq = 0
         self._lock = threading.RLock()
         self._host = socket.gethostname()
         self._failed_creates = 0
@@ -143,6 +145,7 @@ class Registry:
         for candidate in (self._load_state_cache, self._load_checkpoint):
             state = candidate()
             if state is not None and self._tip_matches(state):
+                self._cached_seq = state.seq if candidate == self._load_state_cache else 0
                 return state
         return RegistryState()
 
@@ -185,7 +188,12 @@ class Registry:
         except FormatError:
             return None  # the cache is only an optimisation
 
-    def _save_state_cache(self, state: RegistryState) -> None:
+    def _save_state_cache(self, state: RegistryState, *, lazily: bool = False) -> None:
+        # After this process's own appends, rewrite the cache (O(state)) only every so often: the next reader
+        # replays the few entries since from the log, which is what the cache saves it from for long histories.
+        if lazily and state.seq - self._cached_seq < _CACHE_EVERY:
+            return
+        self._cached_seq = state.seq
         if self._state_cache is not None:
             with contextlib.suppress(OSError):
                 write_cached(self._state_cache, canonical.encode(state.to_dict()))
@@ -280,7 +288,7 @@ class Registry:
                 self._write_checkpoint(state)
         self._state = state
         self._read_forward(state)
-        self._save_state_cache(state)
+        self._save_state_cache(state, lazily=True)
         return self._snapshot_of(state)
 
     def _entry_at(self, seq: int) -> Entry:

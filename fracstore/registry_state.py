@@ -12,7 +12,7 @@ a name is its N-th publish in log order, so versions are derived, never written 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,8 +218,18 @@ class RegistryState:
     commits: dict[str, int] = field(default_factory=dict)  # recent writer commit ids -> seq (unknown outcomes)
 
     def snapshot(self) -> RegistryState:
-        """An independent copy."""
-        return copy.deepcopy(self)
+        """An independent copy: later :meth:`apply` calls on either do not show in the other.
+
+        Containers are copied, the VersionState objects in them shared: apply replaces a VersionState instead of
+        changing it, so a shallow copy is enough, and costs a pointer per version instead of a deep copy.
+        """
+        return RegistryState(
+            seq=self.seq,
+            tip=self.tip,
+            names={name: NameState(list(n.versions), dict(n.tags)) for name, n in self.names.items()},
+            gc_runs=dict(self.gc_runs),
+            commits=dict(self.commits),
+        )
 
     def apply(self, entry: Entry, digest: Digest) -> None:
         """Fold ``entry`` (whose bytes hash to ``digest``) into the state.
@@ -261,12 +271,12 @@ class RegistryState:
         elif entry.op == "untag":
             state.tags.pop(entry.tag or "", None)
         elif entry.op == "delete":
-            doomed = (
-                state.versions if entry.version is None else [v for v in state.versions if v.version == entry.version]
-            )
-            for version in doomed:
-                version.deleted = True
-            gone = {v.version for v in doomed}
+            gone = set()
+            for index, version in enumerate(state.versions):
+                if entry.version is None or version.version == entry.version:
+                    # Replaced, never changed in place: snapshots share VersionState objects (see snapshot()).
+                    state.versions[index] = dataclasses.replace(version, deleted=True)
+                    gone.add(version.version)
             state.tags = {t: v for t, v in state.tags.items() if v not in gone}
 
     # -- serialization (checkpoints and the local replay cache) ----------------------------------------------

@@ -291,6 +291,7 @@ def test_every_single_byte_flip_in_a_middle_entry_is_detected(store_path: Path, 
 
 def test_decodable_edit_of_a_middle_entry_breaks_the_chain(store_path: Path, tmp_path: Path) -> None:
     store = _history(store_path)
+    Store.open(store_path, create=False).list()  # a reader replays the intact log and caches its state
     path = _entry_path(store_path, 2)
     data = path.read_bytes()
     entry = Entry.from_bytes(data, seq=2)
