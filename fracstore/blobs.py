@@ -154,6 +154,20 @@ class BlobStore:
             )
         return self.get(Descriptor(digest, size))
 
+    def known_good_file(self, descriptor: Descriptor) -> Path | None:
+        """The blob's local file when its stat matches its verified-state record (no hashing, no errors); None
+        when the store is not local or the file needs the full check of :meth:`local_file`."""
+        path = self.backend.local_path(blob_key(descriptor.digest))
+        if path is None:
+            return None
+        try:
+            stat = os.lstat(path)
+        except OSError:
+            return None
+        if not S_ISREG(stat.st_mode) or stat.st_size != descriptor.size:
+            return None
+        return path if self._read_record(descriptor.digest) == _identity(stat) else None
+
     def local_file(self, descriptor: Descriptor) -> Path | None:
         """A verified local file holding the blob, for zero-copy mmap; None when the store is not local.
 
