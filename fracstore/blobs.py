@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
@@ -28,6 +29,14 @@ from .errors import FormatError, IntegrityError, NotFoundError, StorageError
 from .layout import BLOBS_PREFIX, blob_key, digest_from_blob_key
 
 _HASH_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedFile:
+    """A local blob file whose bytes were verified while it had ``identity`` (device, inode, size, times)."""
+
+    path: Path
+    identity: tuple[int, ...]
 
 
 def hash_file(path: Path) -> tuple[Digest, int]:
@@ -154,20 +163,6 @@ class BlobStore:
             )
         return self.get(Descriptor(digest, size))
 
-    def known_good_file(self, descriptor: Descriptor) -> Path | None:
-        """The blob's local file when its stat matches its verified-state record (no hashing, no errors); None
-        when the store is not local or the file needs the full check of :meth:`local_file`."""
-        path = self.backend.local_path(blob_key(descriptor.digest))
-        if path is None:
-            return None
-        try:
-            stat = os.lstat(path)
-        except OSError:
-            return None
-        if not S_ISREG(stat.st_mode) or stat.st_size != descriptor.size:
-            return None
-        return path if self._read_record(descriptor.digest) == _identity(stat) else None
-
     def local_file(self, descriptor: Descriptor) -> Path | None:
         """A verified local file holding the blob, for zero-copy mmap; None when the store is not local.
 
@@ -177,15 +172,36 @@ class BlobStore:
             NotFoundError: the blob is missing.
             IntegrityError: its size or hash does not match.
         """
+        verified = self.verified_file(descriptor)
+        return None if verified is None else verified.path
+
+    def verified_file(self, descriptor: Descriptor, *, hash_if_stale: bool = True) -> VerifiedFile | None:
+        """Like :meth:`local_file`, with the file identity the verification holds for (see :meth:`unchanged`).
+
+        Args:
+            hash_if_stale: False returns None instead of re-hashing a file whose record does not match (the
+                cheap first pass of a load, before the stale files are hashed on all cores).
+        """
         path = self.backend.local_path(blob_key(descriptor.digest))
         if path is None:
             return None
         stat = self._lstat_regular(descriptor, path)
         if stat.st_size != descriptor.size:
             self._check(descriptor, None, stat.st_size)
-        if self._read_record(descriptor.digest) != _identity(stat):
+        identity = _identity(stat)
+        if self._read_record(descriptor.digest) != identity:
+            if not hash_if_stale:
+                return None
             self._hash_and_record(descriptor, path, stat)
-        return path
+        return VerifiedFile(path, identity)
+
+    def unchanged(self, verified: VerifiedFile) -> bool:
+        """True when the file still has the identity it was verified with (checked after mapping it: a file
+        replaced between verification and mmap would otherwise be read unverified)."""
+        try:
+            return _identity(os.lstat(verified.path)) == verified.identity
+        except OSError:
+            return False
 
     def _lstat_regular(self, descriptor: Descriptor, path: Path) -> os.stat_result:
         try:

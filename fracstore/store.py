@@ -23,7 +23,7 @@ import torch
 
 from . import canonical, model_types
 from .backend import Backend
-from .blobs import BlobStore
+from .blobs import BlobStore, VerifiedFile
 from .codec import MaterializedBlob, PendingBlob, decode_state_dict, plan_state_dict
 from .config import MAX_MANIFEST_BYTES, StoreOptions, default_cache_dir
 from .digest import Descriptor, Digest
@@ -539,12 +539,23 @@ class Store:
     ) -> Any:
         manifest = self.manifest(record.digest)
         sources = self._fetch_verified(manifest.tensor_blobs)
+
+        def source(descriptor: Descriptor) -> Path | bytes:
+            found = sources[descriptor.digest]
+            return found.path if isinstance(found, VerifiedFile) else found
+
         state_dict = decode_state_dict(
-            manifest.tensors,
-            manifest.tensor_blob_sizes(),
-            lambda descriptor: sources[descriptor.digest],
-            device=device if into is None else None,
+            manifest.tensors, manifest.tensor_blob_sizes(), source, device=device if into is None else None
         )
+        # The files were verified before safetensors mapped them by name; one replaced in between was mapped
+        # unverified, so check that each still is the file that was verified.
+        for digest, found in sources.items():
+            if isinstance(found, VerifiedFile) and not self.blobs.unchanged(found):
+                raise IntegrityError(
+                    f"blob {digest} in {self.url} was replaced while it was being loaded; load again",
+                    key=blob_key(digest),
+                    store=self.url,
+                )
         if into is None:
             return state_dict
         if strict:
@@ -573,20 +584,21 @@ class Store:
             raise FormatError(f"model type {record.model_type!r} built a {type(module).__name__}, not an nn.Module")
         return self._load(record, device=_check_device(device), into=module, strict=strict)  # type: ignore[no-any-return]
 
-    def _fetch_verified(self, descriptors: Sequence[Descriptor]) -> dict[Digest, Path | bytes]:
+    def _fetch_verified(self, descriptors: Sequence[Descriptor]) -> dict[Digest, VerifiedFile | bytes]:
         """Every blob verified, on all cores: a local file (stat-checked, re-hashed when its record is stale) or
         the bytes of a remote blob. Hashing releases the GIL, so a first load re-hashes at the speed of all cores."""
 
-        def fetch(descriptor: Descriptor) -> tuple[Digest, Path | bytes]:
-            path = self.blobs.local_file(descriptor)
-            return descriptor.digest, path if path is not None else self.blobs.get(descriptor)
+        def fetch(descriptor: Descriptor) -> tuple[Digest, VerifiedFile | bytes]:
+            verified = self.blobs.verified_file(descriptor)
+            return descriptor.digest, verified if verified is not None else self.blobs.get(descriptor)
 
         # Fast path first: files whose stat matches their record need no hashing, and no threads.
-        found: dict[Digest, Path | bytes] = {}
-        for descriptor in descriptors:
-            path = self.blobs.known_good_file(descriptor)
-            if path is not None:
-                found[descriptor.digest] = path
+        found: dict[Digest, VerifiedFile | bytes] = {}
+        if self.backend.is_local:
+            for descriptor in descriptors:
+                verified = self.blobs.verified_file(descriptor, hash_if_stale=False)
+                if verified is not None:
+                    found[descriptor.digest] = verified
         rest = [d for d in descriptors if d.digest not in found]
         if len(rest) <= 1:
             found.update(map(fetch, rest))

@@ -88,3 +88,31 @@ def test_returned_records_and_infos_are_copies(store: Store) -> None:
     again = store.resolve("m")
     assert again.metrics == {"val_loss": 0.5}
     assert again.config == {"sizes": [1, 2]}
+
+
+def test_a_blob_file_replaced_between_verification_and_mapping_is_caught(
+    store: Store, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from fracstore import IntegrityError
+    from fracstore.blobs import BlobStore
+
+    saved = store.save({"w": torch.zeros(512, 512)}, name="m")
+    (blob,) = store.info(saved.ref).manifest.tensor_blobs
+    path = store_path / blob_key(blob.digest)
+    forged = torch.ones(512, 512)
+    from fracstore.codec import single_tensor_bytes
+
+    original = BlobStore.verified_file
+
+    def verify_then_swap(self: BlobStore, *args: object, **kwargs: object) -> object:
+        verified = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        replacement = path.with_name(".swap")
+        replacement.write_bytes(single_tensor_bytes(forged))  # same size, other bytes: what rsync's rename does
+        os.replace(replacement, path)
+        return verified
+
+    monkeypatch.setattr(BlobStore, "verified_file", verify_then_swap)
+    with pytest.raises(IntegrityError, match="replaced while it was being loaded"):
+        Store.open(store_path).load(saved.ref)
