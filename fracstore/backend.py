@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from stat import S_ISREG
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -184,9 +185,12 @@ class Backend:
         """
         with self._translate(key, "stat"):
             if self._local_root is not None:
-                # Direct lstat: LocalFileSystem.info costs several times more per call, and follows links. A link
-                # is never something fracstore wrote, so it reports its own size and never passes a size check.
-                return os.lstat(self._local(key)).st_size
+                # Direct lstat: LocalFileSystem.info costs several times more per call, and follows links. Only a
+                # regular file is an object: a link or a folder under a key is something fracstore never wrote.
+                stat = os.lstat(self._local(key))
+                if not S_ISREG(stat.st_mode):
+                    raise FileNotFoundError(f"{key} is not a regular file")
+                return stat.st_size
             return int(self.fs.info(self._path(key))["size"])
 
     def exists(self, key: str) -> bool:
@@ -360,7 +364,7 @@ class Backend:
                 _fsync_dir(folder)
 
     def _local_put_if_absent(self, final: Path, data: Data, *, sync_folder: bool) -> bool:
-        if final.exists():  # cheap early exit; the link below is what decides
+        if os.path.lexists(final):  # cheap early exit; the link below is what decides
             return False
         tmp = self._local_write_temp(final, data, mode=0o444, sync_folder=sync_folder)
         try:

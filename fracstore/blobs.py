@@ -84,31 +84,39 @@ class BlobStore:
             IntegrityError: with ``mutable``, the data changed between hashing and writing.
         """
         key = blob_key(descriptor.digest)
-        if self._present_and_good(descriptor):
+        found = self._inspect(descriptor)
+        if found == "good":
             return False
-        if self.backend.exists(key):
-            self.backend.delete(key)  # corrupt: replace it with the bytes in hand
+        if found == "bad":
+            # Only what was seen to be bad is removed: deleting on mere absence could remove the good copy a
+            # concurrent save creates in between.
+            self.backend.delete(key)  # on a local disk this unlinks a link or stray file too
         stream = _rehashed(data, descriptor, self.backend.url) if mutable else data
         created = self.backend.put_if_absent(key, stream, sync_folder=sync_folder)
         if created:
             self._record_verified(descriptor.digest)
         return created
 
-    def _present_and_good(self, descriptor: Descriptor) -> bool:
-        try:
-            size = self.backend.size(blob_key(descriptor.digest))
-        except NotFoundError:
-            return False
-        if size != descriptor.size:
-            return False
-        path = self.backend.local_path(blob_key(descriptor.digest))
+    def _inspect(self, descriptor: Descriptor) -> str:
+        """``"absent"``, ``"good"`` (right size, and on a local disk a regular file whose record or re-hash
+        matches) or ``"bad"`` (something else is under the blob's name)."""
+        key = blob_key(descriptor.digest)
+        path = self.backend.local_path(key)
         if path is None:
-            return True  # remote: trusted by size; reads verify the hash (docs/format.md, write order)
+            try:
+                size = self.backend.size(key)
+            except NotFoundError:
+                return "absent"
+            return "good" if size == descriptor.size else "bad"  # remote: trusted by size; reads verify the hash
+        if not os.path.lexists(path):
+            return "absent"
         try:
             self.local_file(descriptor)  # stat against the record, re-hash when it is stale
+        except NotFoundError:
+            return "absent"
         except IntegrityError:
-            return False
-        return True
+            return "bad"
+        return "good"
 
     def put_bytes(self, data: bytes, *, sync_folder: bool = True) -> tuple[Descriptor, bool]:
         """Hash and store ``data``. Returns its descriptor and whether bytes were written."""
@@ -310,9 +318,11 @@ def _rehashed(data: Data, descriptor: Descriptor, store: str) -> Iterator[bytes 
     hasher = hashlib.sha256()
     size = 0
     for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+        yield chunk
+        # Hashed after the writer consumed it: a change made before the write shows up here, since memory a
+        # training step changes stays changed.
         hasher.update(chunk)
         size += memoryview(chunk).nbytes
-        yield chunk
     if size != descriptor.size or hasher.hexdigest() != descriptor.digest.hex:
         raise IntegrityError(
             f"the data of blob {descriptor.digest} changed while it was being written to {store} (is another thread "
