@@ -115,3 +115,24 @@ def test_loading_an_unregistered_type_explains_how_to_register(manager: ModelPer
     model_id = manager.save_model(torch.nn.Linear(2, 2), "linear_unregistered")
     with pytest.raises(fracstore.NotFoundError, match="register_model_type"):
         manager.load_model(model_id)
+
+
+def test_list_models_is_a_pandas_dataframe_when_pandas_is_installed(manager: ModelPersistenceManager) -> None:
+    import pandas
+
+    first = _save(manager, TinyPinn, "pinn", 1, best_val_loss=0.3, tags=["demo"])
+    second = _save(manager, TinyPinn, "pinn", 2, best_val_loss=0.1)
+    models_df = manager.list_models()
+    assert isinstance(models_df, pandas.DataFrame)
+    assert list(models_df["model_id"].values) == [first, second]
+    assert list(models_df.head(1)["model_id"]) == [first]
+    assert models_df.loc[models_df["model_id"] == second, "best_val_loss"].item() == 0.1
+    assert list(manager.list_models(tags=["demo"])["model_id"]) == [first]
+    assert manager.list_models(model_type="pino").empty
+
+
+def test_record_table_to_pandas(manager: ModelPersistenceManager) -> None:
+    _save(manager, TinyPinn, "pinn", 1, best_val_loss=0.3)
+    frame = manager.store.list().to_pandas()
+    assert list(frame["ref"]) == ["pinn@1"]
+    assert {"name", "version", "digest", "model_type", "created_at"} <= set(frame.columns)
