@@ -21,7 +21,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -117,14 +117,37 @@ class Registry:
         return self._snapshot
 
     def _read_forward(self, state: RegistryState) -> None:
+        for entry, digest in self._log_after(state.seq, state.tip):
+            state.apply(entry, digest)
+
+    def _log_after(self, seq: int, tip: Digest | None) -> Iterator[tuple[Entry, Digest]]:
+        """Entries ``seq + 1``, ``seq + 2``, ... with the digests of their bytes, until the first missing one,
+        checking that each chains to the one before (``tip`` is the digest of entry ``seq``) and that the end of
+        the log is not a hole.
+
+        Raises:
+            IntegrityError: a broken chain or a hole.
+            FormatError: an entry cannot be decoded.
+        """
         while True:
-            seq = state.seq + 1
+            seq += 1
             try:
                 data = self.backend.read(log_key(seq))
             except NotFoundError:
                 self._check_end(seq)
                 return
-            state.apply(Entry.from_bytes(data, seq=seq), Digest.of(data))
+            entry = Entry.from_bytes(data, seq=seq)
+            if entry.prev != tip:
+                raise IntegrityError(
+                    f"registry log entry {seq} of {self.backend.url} does not chain to entry {seq - 1} (its prev is "
+                    f"{entry.prev}, entry {seq - 1} hashes to {tip}): the log was rewritten or an entry removed",
+                    key=log_key(seq),
+                    expected=str(tip),
+                    actual=str(entry.prev),
+                    store=self.backend.url,
+                )
+            tip = Digest.of(data)
+            yield entry, tip
 
     def _check_end(self, missing: int) -> None:
         """Refuse a log whose end is a hole: an entry after the first missing one means entries were removed.
@@ -228,17 +251,19 @@ class Registry:
                     return None, state
                 what = {f.name: getattr(change, f.name) for f in fields(change)}
                 entry = Entry(seq=state.seq + 1, time=now(), writer=writer, prev=state.tip, **what)
-                if self._create(entry):
-                    return entry, self._applied(entry)
+                data = entry.to_bytes()
+                if self._create(entry, data):
+                    return entry, self._applied(entry, data)
                 self._sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
         raise ConflictError(
             f"gave up appending to the registry of {self.backend.url} after {self.options.append_attempts} attempts: "
             "other writers kept winning the race. Try again; raise append_attempts if this store is very busy."
         )
 
-    def _create(self, entry: Entry) -> bool:
-        """Put-if-absent ``entry``; True when it is in the log now. Resolves unknown outcomes by reading back."""
-        key, data = log_key(entry.seq), entry.to_bytes()
+    def _create(self, entry: Entry, data: bytes) -> bool:
+        """Put-if-absent ``entry`` (encoded as ``data``); True when it is in the log now. Resolves unknown outcomes
+        by reading back."""
+        key = log_key(entry.seq)
         try:
             if self.backend.put_if_absent(key, data):
                 return True
@@ -279,8 +304,7 @@ class Registry:
                 self._sleep(0.2 * 2**attempt)
         return None  # unreachable: the loop returns or raises
 
-    def _applied(self, entry: Entry) -> RegistryState:
-        data = entry.to_bytes()
+    def _applied(self, entry: Entry, data: bytes) -> RegistryState:
         state = self._state if self._state is not None else RegistryState()
         if state.seq == entry.seq - 1:
             state.apply(entry, Digest.of(data))
@@ -309,27 +333,8 @@ class Registry:
         Raises:
             IntegrityError: the chain is broken.
         """
-        out: list[Entry] = []
-        prev: Digest | None = None
-        seq = since
-        if since > 0:
-            prev = Digest.of(self.backend.read(log_key(since)))
-        while True:
-            seq += 1
-            try:
-                data = self.backend.read(log_key(seq))
-            except NotFoundError:
-                self._check_end(seq)
-                return out
-            entry = Entry.from_bytes(data, seq=seq)
-            if entry.prev != prev:
-                raise IntegrityError(
-                    f"registry log entry {seq} of {self.backend.url} does not chain to entry {seq - 1}",
-                    key=log_key(seq),
-                    store=self.backend.url,
-                )
-            out.append(entry)
-            prev = Digest.of(data)
+        tip = Digest.of(self.backend.read(log_key(since))) if since > 0 else None
+        return [entry for entry, _ in self._log_after(since, tip)]
 
 
 def _try_seq(key: str) -> int | None:

@@ -139,9 +139,9 @@ def test_save_reports_its_own_version_even_if_deleted_right_after(
     other = Store.open(store.url)
     original = store.registry._applied
 
-    def delete_in_between(entry: object) -> object:
+    def delete_in_between(entry: object, data: bytes) -> object:
         other.delete("m")  # another writer deletes the new version before this one reads on
-        return original(entry)  # type: ignore[arg-type]
+        return original(entry, data)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store.registry, "_applied", delete_in_between)
     saved = store.save({"w": torch.ones(2)}, name="m")
