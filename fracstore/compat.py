@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import NotAvailableError, NotFoundError
+from .bundle import export_bundle, import_bundle, read_bundle_index
+from .errors import ConfigError, NotFoundError
 from .manifest import TrainingSummary
 from .query import ModelRecord, RecordTable
 from .store import Store
@@ -173,23 +174,34 @@ class ModelPersistenceManager:
         return True
 
     def export_model(self, model_id: str, path: str | os.PathLike[str]) -> str:
-        """Export a model to a portable file.
+        """Export one model to a portable, verified bundle file (``.zip``), for :meth:`import_model` elsewhere.
+
+        The bundle carries the weights, config, history, files and metadata, and the model's registry tags.
+
+        Returns:
+            the path of the bundle file.
 
         Raises:
-            NotAvailableError: bundles are not part of this fracstore version yet.
+            NotFoundError: no such model.
+            StorageError: the file cannot be written (nothing is left at ``path``).
         """
-        raise NotAvailableError(
-            "export_model needs fracstore bundles, which this version does not have yet. Until then, share a model "
-            "by opening a second store and saving into it, or copy the whole store folder (it is self-contained)"
-        )
+        return str(export_bundle(self.store, [model_id], path).path)
 
     def import_model(self, path: str | os.PathLike[str]) -> str:
-        """Import a model exported with :meth:`export_model`.
+        """Import a model exported with :meth:`export_model` (on this machine or another) and return its model id.
+
+        Every byte of the bundle is verified before the model is published; importing the same file twice returns
+        the same id and adds nothing.
 
         Raises:
-            NotAvailableError: bundles are not part of this fracstore version yet.
+            NotFoundError: no file at ``path``.
+            ConfigError: the bundle holds several models (import it with ``Store.import_bundle``).
+            FormatError, IntegrityError: the file is not a bundle, or is corrupt (nothing is published).
         """
-        raise NotAvailableError(
-            "import_model needs fracstore bundles, which this version does not have yet; open the copied store "
-            "folder with ModelPersistenceManager(path) instead"
-        )
+        count = len(read_bundle_index(path).models)
+        if count != 1:
+            raise ConfigError(
+                f"{os.fspath(path)} holds {count} models; import_model imports one. Use "
+                "fracstore.bundle.import_bundle(manager.store, path) to import them all"
+            )
+        return import_bundle(self.store, path).models[0].ref
