@@ -13,7 +13,11 @@ append, DESIGN.md section 4), so it is implemented per backend:
   place (a partial file would be visible) and its generic create is exists-then-write, so neither is used.
 * memory: the filesystem lives in this process, so a process-wide lock around check-and-write is exact.
 * s3 / gcs: the services' conditional create (``If-None-Match: *`` / ``ifGenerationMatch=0``) through
-  ``pipe_file(mode="create")``.
+  ``pipe_file(mode="create")`` / ``put_file(mode="create")``; large files go up as multipart uploads with parallel
+  parts (s3fs/gcsfs decide the part size), and the condition is checked when the upload completes.
+
+S3 stores get measured defaults for the settings s3fs leaves slow (see :data:`S3_TUNING`); anything the caller puts
+in ``storage_options`` wins.
 
 Any other fsspec protocol can hold blobs (content-addressed writes are idempotent) but reports
 ``atomic_create = False`` and registry writes refuse it.
@@ -26,17 +30,18 @@ import os
 import secrets
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from stat import S_ISREG
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .errors import FracstoreError, NotFoundError, StorageError, UnsupportedBackendError
+from .errors import FracstoreError, NotFoundError, OfflineError, StorageError, UnsupportedBackendError
 from .layout import probe_key
 
 Buffer = bytes | bytearray | memoryview
@@ -46,6 +51,40 @@ Data = Buffer | Iterable[Buffer]
 _NATIVE_CREATE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
 _TEMP_PREFIX = ".tmp-"
 _memory_lock = threading.Lock()
+
+# botocore's defaults cost throughput (benchmarks/bench_remote.py): a CRC32 of every request and response body on
+# top of the SHA-256 fracstore computes anyway, and a pool of 10 connections shared by parallel blobs that each
+# upload 10 parts at once. Merged under the caller's own config_kwargs.
+S3_TUNING: Mapping[str, Any] = {
+    "request_checksum_calculation": "when_required",
+    "response_checksum_validation": "when_required",
+    "max_pool_connections": 64,
+}
+
+ProgressHook = Callable[[int], None]
+"""Called with the number of bytes moved since its last call."""
+
+
+class _ByteProgress(Callback):  # type: ignore[misc]
+    """An fsspec callback forwarding byte increments, whichever of relative/absolute updates the filesystem uses."""
+
+    def __init__(self, hook: ProgressHook | None) -> None:
+        super().__init__()
+        self._hook = hook
+        self._reported = 0
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        if self._hook is not None and self.value > self._reported:
+            self._hook(self.value - self._reported)
+            self._reported = self.value
+
+
+def tuned_storage_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` with fracstore's measured defaults added for the URL's protocol (the caller's win)."""
+    options = dict(storage_options or {})
+    if urlsplit(url).scheme in ("s3", "s3a"):
+        options["config_kwargs"] = {**S3_TUNING, **dict(options.get("config_kwargs") or {})}
+    return options
 
 
 def redact_url(url: str) -> str:
@@ -93,7 +132,7 @@ class Backend:
             raise StorageError(f"a store URL must be a non-empty string, not {url!r}")
         url = os.fspath(url)
         try:
-            fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+            fs, root = fsspec.core.url_to_fs(url, **tuned_storage_options(url, storage_options))
         except ImportError as exc:
             raise StorageError(
                 f"cannot open {redact_url(url)}: {exc}. Install the matching extra, e.g. pip install 'fracstore[s3]'",
@@ -102,6 +141,16 @@ class Backend:
         except (ValueError, TypeError, OSError) as exc:
             raise StorageError(f"cannot open {redact_url(url)}: {exc}", store=redact_url(url)) from exc
         return cls(fs, root, url=url if "://" in url else root)
+
+    @classmethod
+    def offline(cls, url: str) -> Backend:
+        """A backend for ``url`` that makes no request at all: every operation raises :class:`OfflineError`.
+
+        A store opened offline reads what the local cache holds and nothing else, so "no network" is a property of
+        the object rather than something every caller has to remember.
+        """
+        protocol = urlsplit(url).scheme or "file"
+        return cls(_Unreachable(redact_url(url), protocol), urlsplit(url).path, url=url)
 
     # -- properties -------------------------------------------------------------------------------------------
 
@@ -170,6 +219,48 @@ class Backend:
         """Bytes ``[start, end)`` of ``key``."""
         with self._translate(key, "read"):
             return bytes(self.fs.cat_file(self._path(key), start=start, end=end))
+
+    def read_capped(self, key: str, max_bytes: int) -> bytes:
+        """All bytes of ``key`` if it has at most ``max_bytes``, else the first ``max_bytes + 1`` (so the caller
+        sees it is too large) — one request, for objects whose size the caller does not know.
+
+        Raises:
+            NotFoundError: no such key.
+        """
+        with self._translate(key, "read"):
+            if self._local_root is not None:
+                with open(self._local(key), "rb") as handle:
+                    return handle.read(max_bytes + 1)
+            return bytes(self.fs.cat_file(self._path(key), start=0, end=max_bytes + 1))
+
+    def download(self, key: str, path: Path, *, progress: ProgressHook | None = None) -> None:
+        """Copy ``key`` into the local file ``path`` (created or truncated), streaming; the caller verifies it.
+
+        Raises:
+            NotFoundError: no such key.
+            StorageError: the transfer failed (``path`` may hold part of the data).
+        """
+        with self._translate(key, "download"):
+            self.fs.get_file(self._path(key), os.fspath(path), callback=_ByteProgress(progress))
+
+    def upload(self, key: str, path: Path, *, progress: ProgressHook | None = None) -> bool:
+        """Create ``key`` from the local file ``path`` unless it exists; True when this call created it.
+
+        Object stores get a streaming (multipart, parallel parts) conditional upload; on a local disk or in memory
+        this is :meth:`put_if_absent` of the file's chunks.
+
+        Raises:
+            StorageError: the transfer failed (nothing was created under ``key``: multipart uploads are aborted).
+        """
+        if self._local_root is not None or isinstance(self.fs, MemoryFileSystem):
+            hook = progress or (lambda _n: None)
+            return self.put_if_absent(key, _file_chunks(path, hook))
+        with self._translate(key, "upload"):
+            try:
+                self.fs.put_file(os.fspath(path), self._path(key), mode="create", callback=_ByteProgress(progress))
+            except FileExistsError:
+                return False
+            return True
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
@@ -363,10 +454,40 @@ class Backend:
             with self._translate(str(folder.relative_to(self._local_root)), "sync"):
                 _fsync_dir(folder)
 
+    def local_temp(self, key: str) -> Path:
+        """A new empty file with a random name in ``key``'s folder on a local disk, for data that
+        :meth:`link_if_absent` later gives the name ``key``. Listing skips it; the caller removes it on failure."""
+        final = self._local(key)
+        _mkdirs(final.parent)
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)  # O_EXCL, random name
+        os.close(fd)
+        return Path(tmp_name)
+
+    def link_if_absent(self, key: str, tmp: Path, *, sync_folder: bool = True) -> bool:
+        """Give the complete local file ``tmp`` (from :meth:`local_temp`) the name ``key`` unless it is taken,
+        atomically; ``tmp`` is consumed either way. The data is fsynced and made read-only first.
+
+        Raises:
+            StorageError: the disk failed.
+        """
+        with self._translate(key, "create"):
+            try:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.chmod(tmp, 0o444)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            return self._link_temp(tmp, self._local(key), sync_folder=sync_folder)
+
     def _local_put_if_absent(self, final: Path, data: Data, *, sync_folder: bool) -> bool:
         if os.path.lexists(final):  # cheap early exit; the link below is what decides
             return False
         tmp = self._local_write_temp(final, data, mode=0o444, sync_folder=sync_folder)
+        return self._link_temp(tmp, final, sync_folder=sync_folder)
+
+    def _link_temp(self, tmp: Path, final: Path, *, sync_folder: bool) -> bool:
         try:
             os.link(tmp, final)
         except FileExistsError:
@@ -384,6 +505,30 @@ class Backend:
         if sync_folder:
             _fsync_dir(final.parent)
         return True
+
+
+class _Unreachable:
+    """Stands in for the filesystem of a store opened offline; any use raises OfflineError."""
+
+    def __init__(self, url: str, protocol: str) -> None:
+        self.protocol = protocol
+        self._url = url
+
+    def __getattr__(self, name: str) -> Any:
+        raise OfflineError(
+            f"{self._url} is opened offline, and this needs the store itself (it is not in the local cache). Open "
+            "it online, or use models that were loaded on this machine before",
+            store=self._url,
+        )
+
+
+def _file_chunks(path: Path, progress: ProgressHook, chunk_size: int = 8 << 20) -> Iterator[bytes]:
+    # O_NOFOLLOW: the files uploaded are blob files, never links in a store fracstore wrote.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb", buffering=0) as handle:
+        while chunk := handle.read(chunk_size):
+            yield chunk
+            progress(len(chunk))
 
 
 def _mkdirs(folder: Path) -> list[Path]:

@@ -23,10 +23,10 @@ from stat import S_ISREG
 import msgpack
 
 from .backend import Backend, Data
-from .cache import read_cached, write_cached
 from .digest import Descriptor, Digest
 from .errors import FormatError, IntegrityError, NotFoundError, StorageError
 from .layout import BLOBS_PREFIX, blob_key, digest_from_blob_key
+from .localfiles import read_cached, write_cached
 
 _HASH_CHUNK = 8 << 20
 
@@ -61,11 +61,14 @@ class BlobStore:
         backend: where the blobs live.
         verified_dir: folder for verified-state records of a local store's blob files; None disables the
             records (every local file load is then re-hashed).
+        touch_records: mark each verified use of a file by touching its record, so the record's mtime is the
+            blob's last use (the local cache's LRU order).
     """
 
-    def __init__(self, backend: Backend, *, verified_dir: Path | None) -> None:
+    def __init__(self, backend: Backend, *, verified_dir: Path | None, touch_records: bool = False) -> None:
         self.backend = backend
         self._verified_dir = verified_dir
+        self._touch_records = touch_records
 
     # -- writes -----------------------------------------------------------------------------------------------
 
@@ -84,7 +87,7 @@ class BlobStore:
             IntegrityError: with ``mutable``, the data changed between hashing and writing.
         """
         key = blob_key(descriptor.digest)
-        found = self._inspect(descriptor)
+        found = self.inspect(descriptor)
         if found == "good":
             return False
         if found == "bad":
@@ -94,10 +97,10 @@ class BlobStore:
         stream = _rehashed(data, descriptor, self.backend.url) if mutable else data
         created = self.backend.put_if_absent(key, stream, sync_folder=sync_folder)
         if created:
-            self._record_verified(descriptor.digest)
+            self.record_verified(descriptor.digest)
         return created
 
-    def _inspect(self, descriptor: Descriptor) -> str:
+    def inspect(self, descriptor: Descriptor) -> str:
         """``"absent"``, ``"good"`` (right size, and on a local disk a regular file whose record or re-hash
         matches) or ``"bad"`` (something else is under the blob's name)."""
         key = blob_key(descriptor.digest)
@@ -124,6 +127,19 @@ class BlobStore:
         return descriptor, self.put(descriptor, data, sync_folder=sync_folder)
 
     # -- reads ------------------------------------------------------------------------------------------------
+
+    def size_of(self, digest: Digest) -> int:
+        """The stored size of a blob.
+
+        Raises:
+            NotFoundError: the blob is missing.
+        """
+        try:
+            return self.backend.size(blob_key(digest))
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"blob {digest} is not in {self.backend.url}", what=str(digest), store=self.backend.url
+            ) from exc
 
     def has(self, descriptor: Descriptor) -> bool:
         """True when the blob exists with the expected size (the confirm step of DESIGN.md section 5)."""
@@ -201,6 +217,9 @@ class BlobStore:
             if not hash_if_stale:
                 return None
             self._hash_and_record(descriptor, path, stat)
+        elif self._touch_records and (record := self._record_path(descriptor.digest)) is not None:
+            with contextlib.suppress(OSError):  # last-use order is advisory
+                os.utime(record)
         return VerifiedFile(path, identity)
 
     def unchanged(self, verified: VerifiedFile) -> bool:
@@ -291,8 +310,23 @@ class BlobStore:
             return None  # an unreadable record only costs a re-hash
         return tuple(value) if isinstance(value, list) else None
 
-    def _record_verified(self, digest: Digest) -> None:
-        """Record the current identity of a blob file this process just wrote (so its bytes are known good)."""
+    def last_verified(self, digest: Digest) -> float | None:
+        """When the blob's record was last written or touched (seconds since the epoch), or None."""
+        record = self._record_path(digest)
+        try:
+            return None if record is None else os.stat(record).st_mtime
+        except OSError:
+            return None
+
+    def forget(self, digest: Digest) -> None:
+        """Remove the blob's verified-state record (its file is then re-hashed before the next use)."""
+        record = self._record_path(digest)
+        if record is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record)
+
+    def record_verified(self, digest: Digest) -> None:
+        """Record the current identity of a blob file whose bytes were just verified or written by this process."""
         path = self.backend.local_path(blob_key(digest))
         if path is not None and self._record_path(digest) is not None:
             self._write_record(digest, _identity(os.lstat(path)))

@@ -1,39 +1,362 @@
-"""The local cache folder: small files fracstore keeps per store on this machine (verified-state records, the
-replayed registry state). Everything here is an optimisation: a missing or unreadable file costs a re-hash or a
-longer replay, never correctness, so readers treat any problem as "absent".
+"""The local blob cache: one content-addressed pool on this machine, shared by every remote store.
 
-Files are replaced atomically (a temp file with a random name in the same folder, then ``os.replace``), so
-several processes can share one cache folder without locks: the last writer wins with a complete file.
+Digests are global, so a blob fetched from ``s3://a`` serves a load from ``gs://b`` too. The pool is laid out like a
+store's blob folder (``<cache>/blobs/sha256/<2 hex>/<64 hex>``, read-only files) and managed by the same
+:class:`~fracstore.blobs.BlobStore` code, with verified-state records under ``<cache>/verified/``:
+
+* **fill**: download into a temp file with a random name in the blob's folder, hash it, then link it to its name
+  (atomic, exclusive). Several processes may fill the same blob at once: one link wins and the others drop their
+  copy. No file locks are needed.
+* **use**: a cached file is trusted only while its stat matches its verified-state record; otherwise it is re-hashed,
+  and a copy that fails is discarded and fetched once more (DESIGN.md section 6).
+* **LRU**: each use touches the blob's record, so the record's mtime is the blob's last use. :meth:`BlobCache.prune`
+  removes least-recently-used blobs down to a size, never one used in the last minute (a load may be between
+  verifying a file and mapping it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+from .backend import Backend, Data, ProgressHook
+from .blobs import BlobStore, VerifiedFile, hash_file
+from .digest import Descriptor, Digest
+from .errors import ConfigError, FormatError, IntegrityError, NotFoundError, StorageError
+from .layout import BLOBS_PREFIX, blob_key, digest_from_blob_key
 
-def read_cached(path: Path) -> bytes | None:
-    """The bytes of a cache file, or None when it is missing or unreadable."""
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
+PRUNE_GRACE_SECONDS = 60.0  # a blob used this recently is never pruned (see the module docstring)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6}
+_SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
 
 
-def write_cached(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, creating its folder.
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One cached blob: its digest, size and when it was last used (UTC)."""
+
+    digest: Digest
+    size: int
+    last_used: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What :meth:`BlobCache.prune` removed (or, with ``dry_run``, would remove), and the bytes left."""
+
+    removed: tuple[CacheEntry, ...]
+    bytes_freed: int
+    bytes_kept: int
+
+
+def parse_size(text: str) -> int:
+    """``"10GiB"``, ``"500 MB"``, ``"0"`` -> bytes (binary units for ``KiB``/``K``, decimal for ``KB``).
 
     Raises:
-        OSError: the folder cannot be created or written (callers decide whether that matters).
+        ConfigError: not a size.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    cleaned = str(text).strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number) :]
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value < 0:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 10GiB, 500MB or 0")
+    return int(value * _SIZE_UNITS[unit])
+
+
+class BlobCache:
+    """The shared blob pool under ``cache_dir`` (see the module docstring).
+
+    Args:
+        cache_dir: the cache folder (``fracstore.config.default_cache_dir()`` by default at the call sites).
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.backend = Backend.from_url(os.fspath(self.cache_dir))
+        self.pool = BlobStore(self.backend, verified_dir=self.cache_dir / "verified", touch_records=True)
+
+    def __repr__(self) -> str:
+        return f"BlobCache({os.fspath(self.cache_dir)!r})"
+
+    # -- use and fill -----------------------------------------------------------------------------------------
+
+    def lookup(self, descriptor: Descriptor) -> VerifiedFile | None:
+        """The verified cached file of a blob, or None when it is not cached. A cached copy that fails
+        verification is discarded (and None returned, so the caller fetches it again)."""
+        try:
+            return self.pool.verified_file(descriptor)
+        except NotFoundError:
+            return None
+        except IntegrityError:
+            self.discard(descriptor.digest)
+            return None
+
+    def lookup_unsized(self, digest: Digest, *, max_bytes: int) -> VerifiedFile | None:
+        """Like :meth:`lookup` for a blob whose size the caller does not know (a manifest named by the registry)."""
+        path = self.backend.local_path(blob_key(digest))
+        try:
+            size = os.lstat(path).st_size if path is not None else -1
+        except FileNotFoundError:
+            return None
+        if not 0 <= size <= max_bytes:
+            self.discard(digest)
+            return None
+        return self.lookup(Descriptor(digest, size))
+
+    def fill(self, descriptor: Descriptor, source: Backend, *, progress: ProgressHook | None = None) -> VerifiedFile:
+        """Fetch a blob from ``source`` into the cache, verified, and return its cached file. A copy that arrives
+        corrupt is fetched once more before the error is raised (a transfer can fail; a stored copy stays bad).
+
+        Raises:
+            NotFoundError: ``source`` does not have the blob.
+            IntegrityError: ``source``'s copy does not match its digest (the message names ``source``).
+            StorageError: the transfer or the cache folder failed.
+        """
+        key = blob_key(descriptor.digest)
+        for attempt in range(2):
+            tmp = self.backend.local_temp(key)
+            try:
+                moved = _Counted(progress)
+                source.download(key, tmp, progress=moved)
+                actual, size = hash_file(tmp)
+                if size == descriptor.size and actual == descriptor.digest:
+                    self.backend.link_if_absent(key, tmp, sync_folder=False)
+                    self.pool.record_verified(descriptor.digest)
+                    found = self.lookup(descriptor)
+                    if found is not None:
+                        return found
+                    continue  # pruned or replaced in between: fetch again
+                if progress is not None and moved.total:
+                    progress(-moved.total)  # the bytes of a discarded copy do not count as progress
+                if attempt == 1:
+                    raise _source_corrupt(descriptor, source, size, actual)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        raise _source_corrupt(descriptor, source, -1, None)  # unreachable in practice: a fill that keeps vanishing
+
+    def get(self, descriptor: Descriptor, source: Backend, *, progress: ProgressHook | None = None) -> VerifiedFile:
+        """The cached file of a blob, fetched from ``source`` when it is not cached (see :meth:`fill`)."""
+        found = self.lookup(descriptor)
+        return found if found is not None else self.fill(descriptor, source, progress=progress)
+
+    def discard(self, digest: Digest) -> None:
+        """Remove a blob and its record from the cache (a no-op when absent)."""
+        self.backend.delete(blob_key(digest))
+        self.pool.forget(digest)
+
+    # -- management -------------------------------------------------------------------------------------------
+
+    def entries(self) -> list[CacheEntry]:
+        """Every cached blob, least recently used first."""
+        return sorted(self._scan(), key=lambda e: (e.last_used, e.digest.hex))
+
+    def total_bytes(self) -> int:
+        """Bytes held by cached blobs."""
+        return sum(e.size for e in self._scan())
+
+    def prune(self, max_bytes: int, *, dry_run: bool = False) -> PruneResult:
+        """Remove least-recently-used blobs until the cache holds at most ``max_bytes`` (blobs used within the last
+        :data:`PRUNE_GRACE_SECONDS` are kept even if that leaves it larger).
+
+        Args:
+            dry_run: report what would be removed, remove nothing.
+
+        Raises:
+            ConfigError: ``max_bytes`` is negative.
+        """
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ConfigError(f"max_bytes must be a byte count >= 0, not {max_bytes!r}")
+        entries = self.entries()
+        total = sum(e.size for e in entries)
+        recent = datetime.fromtimestamp(time.time() - PRUNE_GRACE_SECONDS, UTC)
+        removed: list[CacheEntry] = []
+        for entry in entries:
+            if total <= max_bytes:
+                break
+            if entry.last_used >= recent:
+                continue
+            if not dry_run:
+                self.discard(entry.digest)
+            removed.append(entry)
+            total -= entry.size
+        return PruneResult(tuple(removed), sum(e.size for e in removed), total)
+
+    def _scan(self) -> Iterator[CacheEntry]:
+        root = self.cache_dir / BLOBS_PREFIX
+        if not root.is_dir():
+            return
+        for folder in sorted(root.iterdir()):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                try:
+                    digest = digest_from_blob_key(f"{BLOBS_PREFIX}{folder.name}/{path.name}")
+                    stat = os.lstat(path)
+                except (FormatError, FileNotFoundError):
+                    continue  # temp files, strays, or removed meanwhile
+                used = self.pool.last_verified(digest)
+                last = max(stat.st_mtime, used) if used is not None else stat.st_mtime
+                yield CacheEntry(digest, stat.st_size, datetime.fromtimestamp(last, UTC))
+
+
+class _Counted:
+    """A progress hook that also remembers the bytes it passed on."""
+
+    def __init__(self, hook: ProgressHook | None) -> None:
+        self._hook = hook
+        self.total = 0
+
+    def __call__(self, count: int) -> None:
+        self.total += count
+        if self._hook is not None:
+            self._hook(count)
+
+
+def _source_corrupt(descriptor: Descriptor, source: Backend, size: int, actual: Digest | None) -> IntegrityError:
+    found = f"{size} bytes hashing to {actual}" if actual is not None else "nothing stable"
+    return IntegrityError(
+        f"blob {descriptor.digest} in {source.url} is corrupt: fetched twice, got {found} (expected "
+        f"{descriptor.size} bytes). Restore it by pushing the model again from a store that has a good copy",
+        key=blob_key(descriptor.digest),
+        expected=str(descriptor.digest),
+        actual=str(actual),
+        store=source.url,
+    )
+
+
+class CachedBlobStore:
+    """A remote store's blobs, read and written through the local cache (the interface of
+    :class:`~fracstore.blobs.BlobStore`, so the store facade does not care where its blobs live).
+
+    Reads are served from the cache, filling it first on a miss; loads then memory-map the cached files. Writes go
+    through the cache too: a new blob is written (hashed while written) into the pool, then uploaded from that file
+    as a streaming, conditional, multipart upload. That bounds a save's memory by the chunk size instead of the blob
+    size, and a model saved from this machine loads back with no download.
+
+    Args:
+        remote: the store's own blob store (over the remote backend).
+        cache: the shared pool.
+    """
+
+    def __init__(self, remote: BlobStore, cache: BlobCache) -> None:
+        self.remote = remote
+        self.cache = cache
+        self.backend = remote.backend
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def put(self, descriptor: Descriptor, data: Data, *, sync_folder: bool = True, mutable: bool = False) -> bool:
+        """As :meth:`BlobStore.put`: True when the blob was uploaded (one already in the store, with its size, is
+        kept). ``sync_folder`` is accepted for the interface; object stores name an object with its upload."""
+        del sync_folder
+        found = self.remote.inspect(descriptor)
+        if found == "good":
+            return False
+        self.cache.pool.put(descriptor, data, sync_folder=False, mutable=mutable)
+        cached = self.cache.lookup(descriptor)
+        if cached is None:  # pruned in the instant between: write it again
+            self.cache.pool.put(descriptor, data, sync_folder=False, mutable=mutable)
+            cached = self.cache.lookup(descriptor)
+            if cached is None:
+                raise StorageError(f"the local cache {self.cache.cache_dir} lost blob {descriptor.digest} twice")
+        if found == "bad":
+            self.backend.delete(blob_key(descriptor.digest))  # a wrong-sized object under the name; replace it
+        return self.backend.upload(blob_key(descriptor.digest), cached.path)
+
+    def put_bytes(self, data: bytes, *, sync_folder: bool = True) -> tuple[Descriptor, bool]:
+        """Hash and store ``data``. Returns its descriptor and whether it was uploaded."""
+        descriptor = Descriptor(Digest.of(data), len(data))
+        return descriptor, self.put(descriptor, data, sync_folder=sync_folder)
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def size_of(self, digest: Digest) -> int:
+        """As :meth:`BlobStore.size_of` (asks the store)."""
+        return self.remote.size_of(digest)
+
+    def has(self, descriptor: Descriptor) -> bool:
+        """True when the *store* has the blob with its size (the confirm step asks the store, not the cache)."""
+        return self.remote.has(descriptor)
+
+    def get(self, descriptor: Descriptor) -> bytes:
+        """The verified bytes of a blob (from the cache, filled on a miss)."""
+        verified = self.cache.get(descriptor, self.backend)
+        return verified.path.read_bytes()
+
+    def get_unsized(self, digest: Digest, *, max_bytes: int) -> bytes:
+        """As :meth:`BlobStore.get_unsized`, in one request on a miss (a manifest named by the registry)."""
+        cached = self.cache.lookup_unsized(digest, max_bytes=max_bytes)
+        if cached is not None:
+            return cached.path.read_bytes()
+        key = blob_key(digest)
+        try:
+            data = self.backend.read_capped(key, max_bytes)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"blob {digest} is missing from {self.backend.url}; the store is damaged (restore the blob, e.g. by "
+                "pushing the model again from a store that has it)",
+                what=str(digest),
+                store=self.backend.url,
+            ) from exc
+        if len(data) > max_bytes:
+            raise IntegrityError(
+                f"blob {digest} in {self.backend.url} is over the {max_bytes}-byte limit for its kind",
+                key=key,
+                store=self.backend.url,
+            )
+        if Digest.of(data) != digest:
+            raise IntegrityError(
+                f"blob {digest} in {self.backend.url} hashes to {Digest.of(data)}: the stored copy is corrupt",
+                key=key,
+                expected=str(digest),
+                actual=str(Digest.of(data)),
+                store=self.backend.url,
+            )
+        self.cache.pool.put(Descriptor(digest, len(data)), data, sync_folder=False)
+        return data
+
+    def local_file(self, descriptor: Descriptor) -> Path:
+        """A verified local file holding the blob (its cached copy)."""
+        return self.verified_file(descriptor).path
+
+    def verified_file(self, descriptor: Descriptor, *, hash_if_stale: bool = True) -> VerifiedFile:
+        """The blob's verified cached file, fetched on a miss.
+
+        Raises:
+            NotFoundError, IntegrityError: missing from, or corrupt in, the store.
+            OfflineError: not cached, and the store is opened offline.
+        """
+        del hash_if_stale  # a cached file is always checked against its record, and re-hashed when stale
+        return self.cache.get(descriptor, self.backend)
+
+    def cached_file(self, descriptor: Descriptor) -> VerifiedFile | None:
+        """The blob's cached file when its record matches (no hashing, no request), else None."""
+        try:
+            return self.cache.pool.verified_file(descriptor, hash_if_stale=False)
+        except (NotFoundError, IntegrityError):
+            return None
+
+    def unchanged(self, verified: VerifiedFile) -> bool:
+        """As :meth:`BlobStore.unchanged`, for a cached file."""
+        return self.cache.pool.unchanged(verified)
+
+    def verify(self, descriptor: Descriptor) -> None:
+        """Fetch the store's copy and hash it, ignoring the cache.
+
+        Raises:
+            NotFoundError, IntegrityError: as :meth:`BlobStore.get`.
+        """
+        self.remote.get(descriptor)
+
+    def digests(self) -> Iterator[Digest]:
+        """Every blob digest in the store."""
+        return self.remote.digests()

@@ -105,6 +105,11 @@ class UnsupportedBackendError(StorageError):
     """The backend cannot give the guarantees registry writes need (an atomic create-if-absent)."""
 
 
+class OfflineError(StorageError):
+    """The store was opened offline and the operation needs the store itself (what it asked for is not in the
+    local cache, or it writes)."""
+
+
 class ConfigError(FracstoreError, ValueError):
     """An option or argument that cannot be used as given."""
 

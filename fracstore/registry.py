@@ -27,11 +27,19 @@ from pathlib import Path
 
 from . import canonical
 from .backend import Backend
-from .cache import read_cached, write_cached
 from .config import StoreOptions
 from .digest import Descriptor, Digest
-from .errors import ConflictError, FormatError, IntegrityError, NotFoundError, OutcomeUnknownError, StorageError
+from .errors import (
+    ConflictError,
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    OfflineError,
+    OutcomeUnknownError,
+    StorageError,
+)
 from .layout import CHECKPOINT_POINTER_KEY, CHECKPOINTS_PREFIX, checkpoint_key, log_key, seq_from_key
+from .localfiles import read_cached, write_cached
 from .manifest import now
 from .registry_state import Entry, RegistryState, Writer
 
@@ -77,8 +85,10 @@ class Registry:
         options: StoreOptions,
         state_cache: Path | None,
         sleep: Callable[[float], None] = time.sleep,
+        offline: bool = False,
     ) -> None:
         self.backend = backend
+        self.offline = offline
         self.options = options
         self._state_cache = state_cache
         self._sleep = sleep
@@ -102,6 +112,8 @@ class Registry:
             StorageError: the backend failed.
         """
         with self._lock:
+            if self.offline:
+                return self._offline_state()
             state = self._state if self._state is not None else self._starting_state()
             start = state.seq
             self._read_forward(state)
@@ -109,6 +121,18 @@ class Registry:
             if state.seq != start:
                 self._save_state_cache(state)
             return self._snapshot_of(state)
+
+    def _offline_state(self) -> RegistryState:
+        # Offline, the state replayed when the store was last read online is all there is (DESIGN.md section 6).
+        state = self._state if self._state is not None else self._load_state_cache()
+        if state is None:
+            raise OfflineError(
+                f"{self.backend.url} is opened offline, but its registry was never read on this machine (nothing is "
+                "cached for it). Open it online once",
+                store=self.backend.url,
+            )
+        self._state = state
+        return self._snapshot_of(state)
 
     def _snapshot_of(self, state: RegistryState) -> RegistryState:
         # Copying is O(state); most refreshes find nothing new, so one copy per log position is shared.

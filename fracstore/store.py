@@ -8,6 +8,7 @@ visible version or unreferenced blobs only. Reads go the other way: registry, ma
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
 import difflib
 import os
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 
 from . import canonical, model_types
-from .backend import Backend
+from .backend import Backend, redact_url
 from .blobs import BlobStore, VerifiedFile
+from .cache import BlobCache, CachedBlobStore
 from .codec import MaterializedBlob, PendingBlob, decode_state_dict, plan_state_dict
 from .config import MAX_MANIFEST_BYTES, StoreOptions, default_cache_dir
 from .digest import Descriptor, Digest
@@ -34,9 +36,11 @@ from .errors import (
     FormatError,
     IntegrityError,
     NotFoundError,
+    OfflineError,
     StorageError,
 )
 from .layout import MARKER_KEY, blob_key
+from .localfiles import read_cached, write_cached
 from .manifest import (
     FileEntry,
     Manifest,
@@ -130,14 +134,23 @@ class ModelDiff:
 class Store:
     """A fracstore store at an fsspec URL. Open with :meth:`open`."""
 
-    def __init__(self, backend: Backend, *, store_id: str, options: StoreOptions) -> None:
+    def __init__(self, backend: Backend, *, store_id: str, options: StoreOptions, offline: bool = False) -> None:
         self.backend = backend
         self.id = store_id
         self.options = options
+        self.offline = offline
         cache_dir = options.cache_dir or default_cache_dir()
         store_cache = cache_dir / "stores" / store_id
-        self.blobs = BlobStore(backend, verified_dir=store_cache / "verified" if backend.is_local else None)
-        self.registry = Registry(backend, options=options, state_cache=store_cache / "registry.msgpack")
+        self.cache = BlobCache(cache_dir)
+        self.blobs: BlobStore | CachedBlobStore
+        if backend.is_local:
+            # Local stores are read in place (zero-copy mmap of the blob files), never through the cache.
+            self.blobs = BlobStore(backend, verified_dir=store_cache / "verified")
+        else:
+            self.blobs = CachedBlobStore(BlobStore(backend, verified_dir=None), self.cache)
+        self.registry = Registry(
+            backend, options=options, state_cache=store_cache / "registry.msgpack", offline=offline
+        )
         self._manifests: dict[Digest, Manifest] = {}
 
     @classmethod
@@ -151,22 +164,29 @@ class Store:
         pack_threshold: int | None = None,
         checkpoint_interval: int | None = None,
         append_attempts: int | None = None,
+        offline: bool = False,
     ) -> Store:
         """Open the store at ``url`` (a local folder, ``file://``, ``memory://``, ``s3://``, ``gs://`` ...).
 
         Args:
             url: where the store lives.
-            storage_options: passed to fsspec untouched (credentials, endpoint_url, ...).
+            storage_options: passed to fsspec (credentials, endpoint_url, ...); S3 gets measured transfer defaults
+                for the options not given (:data:`fracstore.backend.S3_TUNING`).
             create: create an empty store when there is none at ``url``.
             cache_dir: the local cache folder (default: ``$FRACSTORE_CACHE_DIR`` or the XDG cache folder).
             pack_threshold, checkpoint_interval, append_attempts: see :class:`~fracstore.config.StoreOptions`.
+            offline: make no request to a remote store: list, resolve and load from what this machine cached when
+                it last used the store online. Writes and anything not cached raise :class:`OfflineError`.
+                Ignored for local stores, which are always at hand.
 
         Raises:
             NotFoundError: no store at ``url`` and ``create`` is False.
             FormatError: something at ``url`` that is not a fracstore store, or a newer store format.
             StorageError: the backend cannot be reached.
+            OfflineError: ``offline`` and the store was never opened online on this machine.
         """
-        backend = Backend.from_url(os.fspath(url), storage_options=storage_options)
+        url = os.fspath(url)
+        backend = Backend.from_url(url, storage_options=storage_options)
         defaults = StoreOptions()
         options = StoreOptions(
             pack_threshold=defaults.pack_threshold if pack_threshold is None else pack_threshold,
@@ -174,7 +194,14 @@ class Store:
             append_attempts=defaults.append_attempts if append_attempts is None else append_attempts,
             cache_dir=None if cache_dir is None else Path(cache_dir),
         )
-        return cls(backend, store_id=_open_marker(backend, create=create), options=options)
+        if backend.is_local:
+            return cls(backend, store_id=_open_marker(backend, create=create), options=options)
+        known = _KnownStores(options.cache_dir or default_cache_dir())
+        if offline:
+            return cls(Backend.offline(url), store_id=known.store_id(url), options=options, offline=True)
+        store_id = _open_marker(backend, create=create)
+        known.remember(url, store_id)
+        return cls(backend, store_id=store_id, options=options)
 
     @property
     def url(self) -> str:
@@ -361,6 +388,25 @@ class Store:
                 f"(first: {missing[0].digest}); nothing was published. Run the save again.",
                 store=self.url,
             )
+
+    def publish_manifest(self, name: str, digest: Digest) -> ModelRecord:
+        """Publish a manifest whose blobs are already in this store as the next version of ``name`` (push, pull and
+        bundle import end here). Idempotent: when a live version of ``name`` has this manifest, that version is
+        returned and nothing is appended.
+
+        The manifest is read and verified, and every blob it references is confirmed present with its size before
+        the log entry is written (DESIGN.md section 5).
+
+        Raises:
+            FormatError: a bad name, or the blob is not a manifest.
+            NotFoundError, IntegrityError: the manifest is missing or corrupt.
+            StorageError: a referenced blob is missing (nothing is published).
+        """
+        check_name(name)
+        manifest = self.manifest(digest)
+        self._confirm(manifest, Descriptor(digest, self.blobs.size_of(digest)))
+        version = self._publish(name, digest)
+        return self.resolve(f"{name}@{version}")
 
     def _publish(self, name: str, manifest: Digest) -> int:
         existing: list[int] = []
@@ -592,13 +638,15 @@ class Store:
             verified = self.blobs.verified_file(descriptor)
             return descriptor.digest, verified if verified is not None else self.blobs.get(descriptor)
 
-        # Fast path first: files whose stat matches their record need no hashing, and no threads.
+        # Fast path first: files whose stat matches their record need no hashing, no request, and no threads.
         found: dict[Digest, VerifiedFile | bytes] = {}
-        if self.backend.is_local:
-            for descriptor in descriptors:
+        for descriptor in descriptors:
+            if isinstance(self.blobs, CachedBlobStore):
+                verified = self.blobs.cached_file(descriptor)
+            else:
                 verified = self.blobs.verified_file(descriptor, hash_if_stale=False)
-                if verified is not None:
-                    found[descriptor.digest] = verified
+            if verified is not None:
+                found[descriptor.digest] = verified
         rest = [d for d in descriptors if d.digest not in found]
         if len(rest) <= 1:
             found.update(map(fetch, rest))
@@ -876,6 +924,35 @@ def _check_fits(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         raise FormatError(
             f"the weights of {ref} do not fit {type(module).__name__} ({'; '.join(parts)}); pass strict=False to "
             "load what matches"
+        )
+
+
+class _KnownStores:
+    """Which store id each remote URL had when this machine last opened it online (for offline opens)."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self._folder = cache_dir / "remotes"
+
+    def _path(self, url: str) -> Path:
+        return self._folder / f"{Digest.of(redact_url(url).rstrip('/').encode()).hex}.msgpack"
+
+    def remember(self, url: str, store_id: str) -> None:
+        record = canonical.encode({"url": redact_url(url).rstrip("/"), "store_id": store_id})
+        if read_cached(self._path(url)) != record:
+            with contextlib.suppress(OSError):  # only offline opens need it
+                write_cached(self._path(url), record)
+
+    def store_id(self, url: str) -> str:
+        data = read_cached(self._path(url))
+        try:
+            raw = canonical.decode(data, what="remembered store", max_bytes=4096) if data is not None else None
+            return str(uuid.UUID(str(raw["store_id"]))) if isinstance(raw, dict) else ""
+        except (FormatError, KeyError, ValueError):
+            pass
+        raise OfflineError(
+            f"{redact_url(url)} was never opened online on this machine, so nothing of it is cached: open it online "
+            "first (offline=False)",
+            store=redact_url(url),
         )
 
 

@@ -193,7 +193,7 @@ def memory_url() -> Iterator[str]:
         fs.rm(path, recursive=True)
 
 
-def test_corrupt_blob_in_memory_store_is_detected(memory_url: str) -> None:
+def test_corrupt_blob_in_memory_store_is_detected(memory_url: str, tmp_path: Path) -> None:
     store = Store.open(memory_url)
     result = store.save(_weights(), name="m")
     digest = _tensor_blob(store, result.ref)
@@ -202,9 +202,13 @@ def test_corrupt_blob_in_memory_store_is_detected(memory_url: str) -> None:
     data = bytearray(fs.cat_file(key))
     data[-1] ^= 0xFF
     fs.pipe_file(key, bytes(data))
+    # The saving machine's cache holds the good copy it wrote, so its loads are unaffected...
+    assert torch.equal(Store.open(memory_url).load("m")["w"], _weights()["w"])
+    # ...while a machine without it fetches the store's copy and refuses it.
     with pytest.raises(IntegrityError) as info:
-        Store.open(memory_url).load("m")
+        Store.open(memory_url, cache_dir=tmp_path / "other-machine").load("m")
     assert info.value.expected == str(digest)
+    assert memory_url in str(info.value)
 
 
 def test_loaded_tensors_are_copy_on_write(saved: tuple[Store, Digest], store_path: Path) -> None:
