@@ -11,6 +11,7 @@ import torch
 from fracstore import IntegrityError, StorageError, Store
 from fracstore.backend import Backend
 from fracstore.layout import blob_key, log_key
+from tests.faults import FaultyBackend
 
 
 def _publish(store: Store, count: int) -> None:
@@ -39,53 +40,29 @@ def test_a_removed_entry_is_detected_by_a_reader_whose_cache_is_older(store_path
         reader.save({"w": torch.ones(1)}, name="m")
 
 
-def test_a_persistent_storage_error_surfaces_as_itself(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_persistent_storage_error_surfaces_as_itself(store: Store) -> None:
     _publish(store, 1)
-    original = Backend.put_if_absent
-    calls: list[str] = []
-
-    def failing(self: Backend, key: str, data: object, **options: bool) -> bool:
-        if key.startswith("log/"):
-            calls.append(key)
-            raise StorageError("disk full", key=key)
-        return original(self, key, data, **options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Backend, "put_if_absent", failing)
+    faulty = FaultyBackend(store.backend).install(store)
+    calls = faulty.fail("put_if_absent", keys="log/", times=None, error=lambda key: StorageError("disk full", key=key))
     with pytest.raises(StorageError, match="disk full"):
         store.save({"w": torch.ones(2)}, name="m")
-    assert 1 < len(calls) <= 3  # retried a little, then gave the real reason, not a "lost race" ConflictError
-    monkeypatch.setattr(Backend, "put_if_absent", original)
+    assert 1 < calls.fired <= 3  # retried a little, then gave the real reason, not a "lost race" ConflictError
+    faulty.clear()
     assert [r.version for r in Store.open(store.url).list()] == [1]
 
 
-def test_a_transient_storage_error_is_retried(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Backend.put_if_absent
-    failures = iter([True])
-
-    def flaky(self: Backend, key: str, data: object, **options: bool) -> bool:
-        if key.startswith("log/") and next(failures, False):
-            raise StorageError("connection reset", key=key)
-        return original(self, key, data, **options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Backend, "put_if_absent", flaky)
+def test_a_transient_storage_error_is_retried(store: Store) -> None:
+    faulty = FaultyBackend(store.backend).install(store)
+    faulty.fail("put_if_absent", keys="log/", error=lambda key: StorageError("connection reset", key=key))
     saved = store.save({"w": torch.ones(2)}, name="m")
     assert saved.version == 1
 
 
-def test_a_write_that_landed_before_the_error_is_not_written_twice(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    original = Backend.put_if_absent
-    raised = []
-
-    def lands_then_fails(self: Backend, key: str, data: object, **options: bool) -> bool:
-        created = original(self, key, data, **options)  # type: ignore[arg-type]
-        if key.startswith("log/") and not raised:
-            raised.append(key)
-            raise StorageError("timeout after the request was sent", key=key)
-        return created
-
-    monkeypatch.setattr(Backend, "put_if_absent", lands_then_fails)
+def test_a_write_that_landed_before_the_error_is_not_written_twice(store: Store) -> None:
+    faulty = FaultyBackend(store.backend).install(store)
+    faulty.fail_after(
+        "put_if_absent", keys="log/", error=lambda key: StorageError("timeout after the request was sent", key=key)
+    )
     saved = store.save({"w": torch.ones(2)}, name="m")
     assert saved.version == 1
     assert [e.op for e in store.log()] == ["publish"]  # exactly one entry
