@@ -237,3 +237,17 @@ def test_a_wipe_forgets_everything(gcs_emulator: GcsEmulator, gcs_location: Stor
     fs.invalidate_cache()
     with pytest.raises(FileNotFoundError):
         fs.cat_file(f"{root}/k")
+
+
+# -- every backend ------------------------------------------------------------------------------------------------
+
+
+def test_any_store_location_is_fresh_and_usable(any_store_location: StoreLocation) -> None:
+    from fracstore.backend import Backend
+
+    backend = Backend.from_url(any_store_location.url, storage_options=any_store_location.storage_options)
+    assert backend.url == any_store_location.url
+    assert backend.list("k/") == []  # nothing left from another test on the same server
+    assert backend.put_if_absent("k/1", b"data")
+    assert backend.read("k/1") == b"data"
+    assert (any_store_location.endpoint is None) == (any_store_location.name in ("local", "memory"))
