@@ -761,8 +761,8 @@ def import_bundle(store: Store, path: str | os.PathLike[str], *, tags: bool = Tr
         # The manifests first (small, and they decide whether the bundle is complete): a malformed bundle is refused
         # before a single blob is written.
         manifests = {
-            model.digest: _read_manifest(archive, members[member_name(model.digest)], sizes[model.digest], bundle)
-            for model in index.models
+            digest: _read_manifest(archive, members[member_name(digest)], sizes[digest], bundle)
+            for digest in dict.fromkeys(model.digest for model in index.models)
         }
         _check_complete(index, manifests, bundle)
         for name, info in members.items():  # zip order: one sequential pass over the file
