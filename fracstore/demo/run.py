@@ -186,6 +186,10 @@ def run_demo(
     second_url = second_store_url if second_store_url is not None else str(folder / "second-store")
 
     store = Store.open(url)
+    second = Store.open(second_url)
+    # Checked before training: an import into the store itself would prove nothing.
+    if second.id == store.id:
+        raise ConfigError(f"second_store_url {second_url!r} is the demo store itself; give another location")
     say(f"store: {store.url}")
     problem = PROBLEM
     scheme = relaxation_l1_solution(problem.grid, alpha=problem.alpha, lam=problem.lam, horizon=problem.horizon)
@@ -250,9 +254,6 @@ def run_demo(
     )
     say(f"loaded {best.ref} with load_model; max error on {NEW_INPUTS} new inputs: {test_error:.2e}")
 
-    second = Store.open(second_url)
-    if second.id == store.id:
-        raise ConfigError(f"second_store_url {second_url!r} is the demo store itself; give another location")
     bundle_path = _free_path(folder, f"{MODEL_NAME}-v{best.version}", ".zip")
     exported = export_bundle(store, [best.ref], bundle_path)
     say(f"exported {best.ref} to {exported.path} ({exported.file_size} bytes, {exported.blob_count} blobs)")
