@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from ..config import ENV_DEBUG
 from ..errors import FracstoreError, IntegrityError, NotFoundError
+from ..interop import LegacyFormatWarning
 from .commands import Context, UsageError, build_parser
 
 EXIT_OK = 0
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = " ".join(v for v in (args.verb, getattr(args, "cache_verb", None), getattr(args, "remote_verb", None)) if v)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
+        warnings.simplefilter("always", LegacyFormatWarning)  # the migration warning is for the user, every time
         try:
             code: Any = args.handler(ctx, args)
             return int(code)

@@ -26,9 +26,9 @@ from typing import Any
 
 from .. import __version__
 from ..config import default_cache_dir, default_store_url
-from ..errors import FormatError, NotFoundError
+from ..errors import ConfigError, FormatError, NotFoundError
 from ..query import MetricFilter, ModelRecord, Ref, infer_mode
-from ..remotes import Remote, add_remote, get_remote, load_remotes, redacted_options, remove_remote
+from ..remotes import Remote, add_remote, check_remote_name, get_remote, load_remotes, redacted_options, remove_remote
 from ..store import Store
 from .render import (
     format_number,
@@ -171,6 +171,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _remote_name(text: str) -> str:
+    try:
+        return check_remote_name(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _json_value(text: str) -> Any:
     """An option value as JSON when it parses (numbers, true/false, objects), else the plain string."""
     try:
@@ -191,6 +198,14 @@ def _read_json_arg(text: str, *, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{what} is not valid JSON ({exc}); give inline JSON or @FILE") from None
+
+
+def _api(store: Store, method: str) -> Callable[..., Any]:
+    """A Store method that only some installations have (push, pull, verify, gc): the verb that calls it is
+    registered only when it exists (see :func:`available_apis`), so looking it up by name keeps type checking
+    independent of which parts are installed."""
+    found: Callable[..., Any] = getattr(store, method)
+    return found
 
 
 # -- store ---------------------------------------------------------------------------------------------------
@@ -595,6 +610,8 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
         fmt = "safetensors" if dest.suffix.lower() == ".safetensors" else "hf"
     if args.max_shard_size is not None and fmt != "hf":
         raise UsageError("--max-shard-size applies to --format hf only")
+    if dest.exists() and not args.force and (dest.is_file() or any(dest.iterdir())):
+        raise ConfigError(f"{dest} exists{'' if dest.is_file() else ' and is not empty'}; pass --force to replace")
     store = ctx.open_store()
     record = store.resolve(args.ref)
     ref = record.ref  # pin the version: a concurrent save must not change what this command writes
@@ -666,18 +683,14 @@ def _report_transfer(ctx: Context, args: argparse.Namespace, summary: Any) -> in
 def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
     source = ctx.open_store()
     destination = ctx.open_store(args.destination, create=True)  # pushing to a new prefix makes the store there
-    summary = source.push(  # type: ignore[attr-defined]  # (registered only when Store.push exists)
-        destination, args.ref, all_versions=args.all, tags=args.tags, progress=ctx.progress
-    )
+    summary = _api(source, "push")(destination, args.ref, all_versions=args.all, tags=args.tags, progress=ctx.progress)
     return _report_transfer(ctx, args, summary)
 
 
 def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
     source = ctx.open_store(args.source)
     destination = ctx.open_store(create=True)
-    summary = destination.pull(  # type: ignore[attr-defined]  # (registered only when Store.pull exists)
-        source, args.ref, all_versions=args.all, tags=args.tags, progress=ctx.progress
-    )
+    summary = _api(destination, "pull")(source, args.ref, all_versions=args.all, tags=args.tags, progress=ctx.progress)
     return _report_transfer(ctx, args, summary)
 
 
@@ -758,7 +771,7 @@ EXIT_INTEGRITY = 3
 
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     store = ctx.open_store()
-    report = store.verify(read_data=args.read_data)  # type: ignore[attr-defined]  # (registered when it exists)
+    report = _api(store, "verify")(read_data=args.read_data)
     problems = [{"kind": k, "subject": str(s), "message": m} for k, s, m in report.problems]
     if args.json:
         ctx.emit_json(
@@ -781,7 +794,7 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"dry_run": args.dry_run}
     if args.grace is not None:
         kwargs["grace"] = args.grace
-    report = store.gc(**kwargs)  # type: ignore[attr-defined]  # (registered only when Store.gc exists)
+    report = _api(store, "gc")(**kwargs)
     data = plain(report)
     if args.json:
         ctx.emit_json(data)
@@ -1132,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     remote = verbs.add_parser("remote", help="named stores", description="named stores (in the user config folder)")
     remote_verbs = remote.add_subparsers(dest="remote_verb", metavar="ACTION", required=True)
     sub = verb("add", cmd_remote_add, "name a store URL", json_flag=False, into=remote_verbs)
-    sub.add_argument("name")
+    sub.add_argument("name", type=_remote_name)
     sub.add_argument("url")
     sub.add_argument(
         "-o", "--option", action="append", type=_key_value, metavar="KEY=VALUE", help="an fsspec storage option"
