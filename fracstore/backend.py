@@ -37,11 +37,13 @@ from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.callbacks import Callback
+from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .errors import FracstoreError, NotFoundError, OfflineError, StorageError, UnsupportedBackendError
+from .errors import ConfigError, FracstoreError, NotFoundError, OfflineError, StorageError, UnsupportedBackendError
 from .layout import probe_key
 
 Buffer = bytes | bytearray | memoryview
@@ -55,11 +57,19 @@ _memory_lock = threading.Lock()
 # botocore's defaults cost throughput (benchmarks/bench_remote.py): a CRC32 of every request and response body on
 # top of the SHA-256 fracstore computes anyway, and a pool of 10 connections shared by parallel blobs that each
 # upload 10 parts at once. Merged under the caller's own config_kwargs.
+# Retries: botocore's legacy policy waits up to ~15 s on a refused connection before an error surfaces; the standard
+# policy with 3 attempts is AWS's own default for new SDKs, and a connect timeout of 10 s (not 60) lets an
+# unreachable endpoint fail fast while a slow transfer keeps its read timeout.
 S3_TUNING: Mapping[str, Any] = {
     "request_checksum_calculation": "when_required",
     "response_checksum_validation": "when_required",
     "max_pool_connections": 64,
+    "retries": {"max_attempts": 3, "mode": "standard"},
+    "connect_timeout": 10,
 }
+
+SMALL_REQUEST_SECONDS = 10.0  # deadline of one small request on an object store, the client's retries included
+_SLOW_LINK_BYTES_PER_SECOND = 256 * 1024  # ... plus this much time per byte sent or received
 
 ProgressHook = Callable[[int], None]
 """Called with the number of bytes moved since its last call."""
@@ -131,6 +141,12 @@ class Backend:
         if not isinstance(url, str | os.PathLike) or not str(url):
             raise StorageError(f"a store URL must be a non-empty string, not {url!r}")
         url = os.fspath(url)
+        if redact_url(url) != url:
+            # fsspec would pass the userinfo on as part of a bucket or host name, into error messages and logs.
+            raise ConfigError(
+                f"{redact_url(url)}: a store URL must not carry credentials; pass them in storage_options "
+                "(e.g. key=/secret= for s3, token= for gs) or through the standard environment and config files"
+            )
         try:
             fs, root = fsspec.core.url_to_fs(url, **tuned_storage_options(url, storage_options))
         except ImportError as exc:
@@ -205,15 +221,34 @@ class Backend:
 
     # -- reads ------------------------------------------------------------------------------------------------
 
+    def _small(self, method: str, key: str, *args: Any, size: int = 0, **kwargs: Any) -> Any:
+        """Call ``fs.<method>`` for a small request (metadata, a log entry, a manifest) with a deadline on object
+        stores, retries included, so an unreachable store fails fast instead of after the client's own retry
+        schedule (gcsfs retries a refused connection for about 30 s and offers no option to change that). Bulk
+        transfers and listings have no deadline: they take as long as the data does."""
+        call = getattr(self.fs, method)
+        if not isinstance(self.fs, AsyncFileSystem):
+            return call(*args, **kwargs)
+        deadline = SMALL_REQUEST_SECONDS + size / _SLOW_LINK_BYTES_PER_SECOND
+        try:
+            return call(*args, timeout=deadline, **kwargs)
+        except FSTimeoutError as exc:
+            raise StorageError(
+                f"{self.url} did not answer within {deadline:.0f} s (to {method.removesuffix('_file')} {key}): is it "
+                "reachable (network, endpoint_url)? To use what this machine cached of it, open it with offline=True",
+                key=key,
+                store=self.url,
+            ) from exc
+
     def read(self, key: str) -> bytes:
-        """All bytes of ``key``.
+        """All bytes of ``key`` (a small object: bounded by :data:`SMALL_REQUEST_SECONDS` on object stores).
 
         Raises:
             NotFoundError: no such key.
-            StorageError: the backend failed.
+            StorageError: the backend failed, or did not answer in time.
         """
         with self._translate(key, "read"):
-            return bytes(self.fs.cat_file(self._path(key)))
+            return bytes(self._small("cat_file", key, self._path(key)))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``key``."""
@@ -231,7 +266,7 @@ class Backend:
             if self._local_root is not None:
                 with open(self._local(key), "rb") as handle:
                     return handle.read(max_bytes + 1)
-            return bytes(self.fs.cat_file(self._path(key), start=0, end=max_bytes + 1))
+            return bytes(self._small("cat_file", key, self._path(key), start=0, end=max_bytes + 1, size=max_bytes))
 
     def download(self, key: str, path: Path, *, progress: ProgressHook | None = None) -> None:
         """Copy ``key`` into the local file ``path`` (created or truncated), streaming; the caller verifies it.
@@ -253,8 +288,7 @@ class Backend:
             StorageError: the transfer failed (nothing was created under ``key``: multipart uploads are aborted).
         """
         if self._local_root is not None or isinstance(self.fs, MemoryFileSystem):
-            hook = progress or (lambda _n: None)
-            return self.put_if_absent(key, _file_chunks(path, hook))
+            return self.put_if_absent(key, file_chunks(path, progress))
         with self._translate(key, "upload"):
             try:
                 self.fs.put_file(os.fspath(path), self._path(key), mode="create", callback=_ByteProgress(progress))
@@ -282,7 +316,7 @@ class Backend:
                 if not S_ISREG(stat.st_mode):
                     raise FileNotFoundError(f"{key} is not a regular file")
                 return stat.st_size
-            return int(self.fs.info(self._path(key))["size"])
+            return int(self._small("info", key, self._path(key))["size"])
 
     def exists(self, key: str) -> bool:
         """True when ``key`` exists. Unlike fsspec's ``exists``, a backend failure raises instead of reading as
@@ -340,8 +374,9 @@ class Backend:
                     self.fs.pipe_file(path, b"".join(_chunks(data)))
                     return True
             try:
-                # Whole-object upload; multipart streaming for remote stores belongs to the object-storage layer.
-                self.fs.pipe_file(path, b"".join(_chunks(data)), mode="create")
+                # Whole-object upload: what comes here is small (log entries, markers); blobs go through upload().
+                joined = b"".join(_chunks(data))
+                self._small("pipe_file", key, path, joined, mode="create", size=len(joined))
             except FileExistsError:
                 return False
             return True
@@ -359,7 +394,8 @@ class Backend:
                         os.unlink(tmp)
                 _fsync_dir(final.parent)
                 return
-            self.fs.pipe_file(self._path(key), b"".join(_chunks(data)))
+            joined = b"".join(_chunks(data))
+            self._small("pipe_file", key, self._path(key), joined, size=len(joined))
 
     def delete(self, key: str) -> bool:
         """Remove ``key``. Returns False when it was already absent."""
@@ -370,8 +406,11 @@ class Backend:
                 except FileNotFoundError:
                     return False
                 return True
+            path = self._path(key)
             try:
-                self.fs.rm_file(self._path(key))
+                # Object stores answer a delete of a missing key with success; ask first so the result is honest.
+                self._small("info", key, path)
+                self._small("rm_file", key, path)
             except FileNotFoundError:
                 return False
             return True
@@ -522,13 +561,15 @@ class _Unreachable:
         )
 
 
-def _file_chunks(path: Path, progress: ProgressHook, chunk_size: int = 8 << 20) -> Iterator[bytes]:
+def file_chunks(path: Path, progress: ProgressHook | None = None, chunk_size: int = 8 << 20) -> Iterator[bytes]:
+    """The bytes of a local file in chunks, reporting each to ``progress``."""
     # O_NOFOLLOW: the files uploaded are blob files, never links in a store fracstore wrote.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with open(fd, "rb", buffering=0) as handle:
         while chunk := handle.read(chunk_size):
             yield chunk
-            progress(len(chunk))
+            if progress is not None:
+                progress(len(chunk))
 
 
 def _mkdirs(folder: Path) -> list[Path]:

@@ -112,36 +112,25 @@ class BlobCache:
         return self.lookup(Descriptor(digest, size))
 
     def fill(self, descriptor: Descriptor, source: Backend, *, progress: ProgressHook | None = None) -> VerifiedFile:
-        """Fetch a blob from ``source`` into the cache, verified, and return its cached file. A copy that arrives
-        corrupt is fetched once more before the error is raised (a transfer can fail; a stored copy stays bad).
+        """Fetch a blob from ``source`` into the cache, verified, and return its cached file.
 
         Raises:
             NotFoundError: ``source`` does not have the blob.
             IntegrityError: ``source``'s copy does not match its digest (the message names ``source``).
             StorageError: the transfer or the cache folder failed.
         """
-        key = blob_key(descriptor.digest)
-        for attempt in range(2):
-            tmp = self.backend.local_temp(key)
-            try:
-                moved = _Counted(progress)
-                source.download(key, tmp, progress=moved)
-                actual, size = hash_file(tmp)
-                if size == descriptor.size and actual == descriptor.digest:
-                    self.backend.link_if_absent(key, tmp, sync_folder=False)
-                    self.pool.record_verified(descriptor.digest)
-                    found = self.lookup(descriptor)
-                    if found is not None:
-                        return found
-                    continue  # pruned or replaced in between: fetch again
-                if progress is not None and moved.total:
-                    progress(-moved.total)  # the bytes of a discarded copy do not count as progress
-                if attempt == 1:
-                    raise _source_corrupt(descriptor, source, size, actual)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-        raise _source_corrupt(descriptor, source, -1, None)  # unreachable in practice: a fill that keeps vanishing
+        for _ in range(2):
+            download_verified(source, self.backend, descriptor, progress=progress)
+            self.pool.record_verified(descriptor.digest)
+            found = self.lookup(descriptor)
+            if found is not None:
+                return found
+            # Pruned, or another process's copy failed verification and was discarded, in between: fetch again.
+        raise StorageError(
+            f"blob {descriptor.digest} kept vanishing from the local cache {self.cache_dir} while it was filled; "
+            "is another process pruning it with a tiny size limit?",
+            key=blob_key(descriptor.digest),
+        )
 
     def get(self, descriptor: Descriptor, source: Backend, *, progress: ProgressHook | None = None) -> VerifiedFile:
         """The cached file of a blob, fetched from ``source`` when it is not cached (see :meth:`fill`)."""
@@ -208,6 +197,42 @@ class BlobCache:
                 yield CacheEntry(digest, stat.st_size, datetime.fromtimestamp(last, UTC))
 
 
+def download_verified(
+    source: Backend, target: Backend, descriptor: Descriptor, *, progress: ProgressHook | None = None
+) -> bool:
+    """Copy a blob from ``source`` into the local-disk backend ``target`` (a store or the cache pool), verified
+    before it gets its name; True when this call created it. A copy that arrives corrupt is fetched once more before
+    the error is raised: a transfer can go wrong once, a stored copy that is bad stays bad.
+
+    The download goes to a temp file with a random name in the blob's folder, is hashed, then linked to its name
+    (atomic, exclusive), so neither a concurrent filler nor a crash can leave a partial blob under the name. The
+    filesystems' own ``get_file`` does the transfer (with its retries and resumption); hashing the finished file
+    reads it back from the page cache (measured in benchmarks/bench_remote.py).
+
+    Raises:
+        NotFoundError: ``source`` does not have the blob.
+        IntegrityError: ``source``'s copy is corrupt (the message names ``source``).
+        StorageError: the transfer failed.
+    """
+    key = blob_key(descriptor.digest)
+    for attempt in range(2):
+        tmp = target.local_temp(key)
+        try:
+            moved = _Counted(progress)
+            source.download(key, tmp, progress=moved)
+            actual, size = hash_file(tmp)
+            if size == descriptor.size and actual == descriptor.digest:
+                return target.link_if_absent(key, tmp, sync_folder=False)
+            if progress is not None and moved.total:
+                progress(-moved.total)  # the bytes of a discarded copy do not count as progress
+            if attempt == 1:
+                raise _source_corrupt(descriptor, source, size, actual)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
 class _Counted:
     """A progress hook that also remembers the bytes it passed on."""
 
@@ -221,8 +246,8 @@ class _Counted:
             self._hook(count)
 
 
-def _source_corrupt(descriptor: Descriptor, source: Backend, size: int, actual: Digest | None) -> IntegrityError:
-    found = f"{size} bytes hashing to {actual}" if actual is not None else "nothing stable"
+def _source_corrupt(descriptor: Descriptor, source: Backend, size: int, actual: Digest) -> IntegrityError:
+    found = f"{size} bytes hashing to {actual}"
     return IntegrityError(
         f"blob {descriptor.digest} in {source.url} is corrupt: fetched twice, got {found} (expected "
         f"{descriptor.size} bytes). Restore it by pushing the model again from a store that has a good copy",

@@ -336,7 +336,9 @@ class Registry:
                 self._write_checkpoint(state)
         self._state = state
         self._read_forward(state)
-        self._save_state_cache(state, lazily=True)
+        # A remote store opened offline later has only this cache to go by, so it must include this process's own
+        # appends; a local store is always at hand, and rewriting the cache only now and then keeps appends O(1).
+        self._save_state_cache(state, lazily=self.backend.is_local)
         return self._snapshot_of(state)
 
     def _entry_at(self, seq: int) -> Entry:

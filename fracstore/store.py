@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import canonical, model_types
+from . import bundle, canonical, model_types, transfer
 from .backend import Backend, redact_url
 from .blobs import BlobStore, VerifiedFile
 from .cache import BlobCache, CachedBlobStore
@@ -56,6 +56,7 @@ from .manifest import (
 from .query import MetricFilter, ModelRecord, Query, RecordTable, Ref, best
 from .registry import Change, Registry
 from .registry_state import Entry, RegistryState, VersionState
+from .transfer import TransferSummary
 
 STORE_FORMAT = 1
 _UNSET: Any = object()
@@ -850,6 +851,54 @@ class Store:
 
         self.registry.append(decide)
         return list(deleted)
+
+    # -- moving models ----------------------------------------------------------------------------------------
+
+    def push(
+        self,
+        destination: Store,
+        ref: str,
+        *,
+        all_versions: bool = False,
+        tags: bool = False,
+        progress: bool = False,
+    ) -> TransferSummary:
+        """Copy the version ``ref`` names (or every live version of its model) from this store to ``destination``;
+        only blobs the destination lacks are sent. See :func:`fracstore.transfer.copy`.
+
+        Args:
+            tags: also carry the tags pointing at those versions.
+            progress: draw a progress bar in bytes on stderr (when it is a terminal).
+
+        Raises:
+            as :func:`fracstore.transfer.copy`.
+        """
+        return transfer.copy(self, destination, ref, all_versions=all_versions, tags=tags, progress=progress)
+
+    def pull(
+        self,
+        source: Store,
+        ref: str,
+        *,
+        all_versions: bool = False,
+        tags: bool = False,
+        progress: bool = False,
+    ) -> TransferSummary:
+        """Copy the version ``ref`` names in ``source`` (or every live version of its model) into this store; only
+        blobs this store lacks are fetched. See :func:`fracstore.transfer.copy`."""
+        return transfer.copy(source, self, ref, all_versions=all_versions, tags=tags, progress=progress)
+
+    def export_bundle(
+        self, refs: Sequence[str], path: str | os.PathLike[str], *, all_versions: bool = False
+    ) -> bundle.BundleSummary:
+        """Write the versions ``refs`` name (or all their live versions) into one verified bundle file at ``path``.
+        See :func:`fracstore.bundle.export_bundle`."""
+        return bundle.export_bundle(self, refs, path, all_versions=all_versions)
+
+    def import_bundle(self, path: str | os.PathLike[str], *, tags: bool = True) -> bundle.ImportSummary:
+        """Verify every member of the bundle at ``path``, then publish its models here. See
+        :func:`fracstore.bundle.import_bundle`."""
+        return bundle.import_bundle(self, path, tags=tags)
 
 
 def _check_option(option: str, value: object, expected: type | tuple[type, ...]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fracstore.backend import Backend, redact_url
-from fracstore.errors import FracstoreError, NotFoundError, StorageError, UnsupportedBackendError
+from fracstore.errors import ConfigError, FracstoreError, NotFoundError, StorageError, UnsupportedBackendError
 from tests.faults import FaultyBackend
 from tests.servers import GcsEmulator, MotoS3Server, StoreLocation
 
@@ -308,11 +308,12 @@ def test_an_unreachable_server_raises_storage_error_fast_and_names_the_store(
 
 @pytest.mark.s3
 def test_credentials_in_a_url_never_reach_messages(s3_location: StoreLocation) -> None:
+    # fsspec would take the userinfo for part of the bucket name and echo it in its errors: such a URL is refused
+    # before it reaches fsspec, with a message that says where credentials go and does not repeat them.
     bucket_and_prefix = s3_location.url.removeprefix("s3://")
-    backend = Backend.from_url(
-        f"s3://AKIDEXAMPLE:wJalrXUtnFEMI@{bucket_and_prefix}", storage_options=s3_location.storage_options
-    )
-    assert "wJalrXUtnFEMI" not in backend.url and "AKIDEXAMPLE" not in backend.url
-    with pytest.raises(FracstoreError) as info:
-        backend.read("nope")
-    assert "wJalrXUtnFEMI" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Backend.from_url(
+            f"s3://AKIDEXAMPLE:wJalrXUtnFEMI@{bucket_and_prefix}", storage_options=s3_location.storage_options
+        )
+    assert "wJalrXUtnFEMI" not in str(info.value) and "AKIDEXAMPLE" not in str(info.value)
+    assert "storage_options" in str(info.value)

@@ -103,14 +103,6 @@ def test_ids_returned_by_list_are_accepted_everywhere(manager: ModelPersistenceM
     assert manager.delete_model("pinn@1")
 
 
-def test_export_and_import_say_clearly_they_are_not_available(manager: ModelPersistenceManager) -> None:
-    model_id = _save(manager, TinyPinn, "pinn", 1)
-    with pytest.raises(fracstore.NotAvailableError, match="bundles"):
-        manager.export_model(model_id, "exported_model.zip")
-    with pytest.raises(NotImplementedError):
-        manager.import_model("exported_model.zip")
-
-
 def test_loading_an_unregistered_type_explains_how_to_register(manager: ModelPersistenceManager) -> None:
     model_id = manager.save_model(torch.nn.Linear(2, 2), "linear_unregistered")
     with pytest.raises(fracstore.NotFoundError, match="register_model_type"):
