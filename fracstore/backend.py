@@ -26,6 +26,7 @@ Any other fsspec protocol can hold blobs (content-addressed writes are idempoten
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import secrets
 import tempfile
@@ -93,7 +94,8 @@ def tuned_storage_options(url: str, storage_options: Mapping[str, Any] | None) -
     """``storage_options`` with fracstore's measured defaults added for the URL's protocol (the caller's win)."""
     options = dict(storage_options or {})
     if urlsplit(url).scheme in ("s3", "s3a"):
-        options["config_kwargs"] = {**S3_TUNING, **dict(options.get("config_kwargs") or {})}
+        # A deep copy: botocore rewrites the dicts it is given (retries' max_attempts becomes total_max_attempts).
+        options["config_kwargs"] = {**copy.deepcopy(dict(S3_TUNING)), **dict(options.get("config_kwargs") or {})}
     return options
 
 
