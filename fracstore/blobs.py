@@ -165,7 +165,7 @@ class BlobStore:
                 what=str(descriptor.digest),
                 store=self.backend.url,
             ) from exc
-        self._check(descriptor, Digest.of(data) if len(data) == descriptor.size else None, len(data))
+        self.check(descriptor, Digest.of(data) if len(data) == descriptor.size else None, len(data))
         return data
 
     def get_unsized(self, digest: Digest, *, max_bytes: int) -> bytes:
@@ -211,7 +211,7 @@ class BlobStore:
             return None
         stat = self._lstat_regular(descriptor, path)
         if stat.st_size != descriptor.size:
-            self._check(descriptor, None, stat.st_size)
+            self.check(descriptor, None, stat.st_size)
         identity = _identity(stat)
         if self._read_record(descriptor.digest) != identity:
             if not hash_if_stale:
@@ -262,7 +262,7 @@ class BlobStore:
 
     def _hash_and_record(self, descriptor: Descriptor, path: Path, stat: os.stat_result) -> None:
         digest, size = hash_file(path)
-        self._check(descriptor, digest, size)
+        self.check(descriptor, digest, size)
         # Record the identity the hash belongs to, and only if the file did not change while it was hashed.
         if _identity(self._lstat_regular(descriptor, path)) == _identity(stat):
             self._write_record(descriptor.digest, _identity(stat))
@@ -273,7 +273,8 @@ class BlobStore:
             with contextlib.suppress(FormatError):
                 yield digest_from_blob_key(key)
 
-    def _check(self, descriptor: Descriptor, actual: Digest | None, size: int) -> None:
+    def check(self, descriptor: Descriptor, actual: Digest | None, size: int) -> None:
+        """Raise IntegrityError unless ``size`` and ``actual`` (None: not hashed) match ``descriptor``."""
         if size != descriptor.size:
             raise IntegrityError(
                 f"blob {descriptor.digest} in {self.backend.url} has {size} bytes, expected {descriptor.size}: "

@@ -375,12 +375,19 @@ class CachedBlobStore:
         return self.cache.pool.unchanged(verified)
 
     def verify(self, descriptor: Descriptor) -> None:
-        """Fetch the store's copy and hash it, ignoring the cache.
+        """Download the store's copy into a temp file and hash it, ignoring the cached copy.
 
         Raises:
             NotFoundError, IntegrityError: as :meth:`BlobStore.get`.
         """
-        self.remote.get(descriptor)
+        tmp = self.cache.backend.local_temp(blob_key(descriptor.digest))
+        try:
+            self.backend.download(blob_key(descriptor.digest), tmp)
+            actual, size = hash_file(tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.remote.check(descriptor, actual if size == descriptor.size else None, size)
 
     def digests(self) -> Iterator[Digest]:
         """Every blob digest in the store."""

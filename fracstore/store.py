@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import bundle, canonical, model_types, transfer
+from . import bundle, canonical, model_types, transfer, verify
 from .backend import Backend, redact_url
 from .blobs import BlobStore, VerifiedFile
 from .cache import BlobCache, CachedBlobStore
@@ -382,7 +382,13 @@ class Store:
     def _confirm(self, manifest: Manifest, manifest_ref: Descriptor) -> None:
         # DESIGN.md section 5: a log entry must never point at missing data, even if a blob we skipped because it
         # existed was removed meanwhile (a concurrent gc, a damaged store).
-        missing = [d for d in (*manifest.references(), manifest_ref) if not self.blobs.has(d)]
+        wanted = (*manifest.references(), manifest_ref)
+        if self.backend.is_local or len(wanted) < 2:
+            present = [self.blobs.has(d) for d in wanted]
+        else:  # one round trip each on an object store: ask in parallel
+            with ThreadPoolExecutor(max_workers=min(32, len(wanted)), thread_name_prefix="fracstore-confirm") as pool:
+                present = list(pool.map(self.blobs.has, wanted))
+        missing = [d for d, here in zip(wanted, present, strict=True) if not here]
         if missing:
             raise StorageError(
                 f"{len(missing)} blob(s) of the new manifest are missing from {self.url} after writing "
@@ -887,6 +893,17 @@ class Store:
         """Copy the version ``ref`` names in ``source`` (or every live version of its model) into this store; only
         blobs this store lacks are fetched. See :func:`fracstore.transfer.copy`."""
         return transfer.copy(source, self, ref, all_versions=all_versions, tags=tags, progress=progress)
+
+    # -- health -----------------------------------------------------------------------------------------------
+
+    def verify(self, *, read_data: bool = False) -> verify.VerifyReport:
+        """Check the registry log, every live version's manifest and every blob they reference; problems are
+        reported, not raised. See :func:`fracstore.verify.verify_store`.
+
+        Args:
+            read_data: re-hash every referenced blob from the store's own copy (reads, or downloads, all data).
+        """
+        return verify.verify_store(self, read_data=read_data)
 
     def export_bundle(
         self, refs: Sequence[str], path: str | os.PathLike[str], *, all_versions: bool = False
