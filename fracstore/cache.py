@@ -26,13 +26,15 @@ from pathlib import Path
 
 from .backend import Backend, Data, ProgressHook
 from .blobs import BlobStore, VerifiedFile, hash_file
+from .config import cache_max_bytes, parse_size
 from .digest import Descriptor, Digest
 from .errors import ConfigError, FormatError, IntegrityError, NotFoundError, StorageError
 from .layout import BLOBS_PREFIX, blob_key, digest_from_blob_key
 
+__all__ = ["PRUNE_GRACE_SECONDS", "BlobCache", "CacheEntry", "CachedBlobStore", "PruneResult", "download_verified"]
+__all__ += ["parse_size"]  # re-exported from config: sizes are the cache's vocabulary
+
 PRUNE_GRACE_SECONDS = 60.0  # a blob used this recently is never pruned (see the module docstring)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6}
-_SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,24 +53,6 @@ class PruneResult:
     removed: tuple[CacheEntry, ...]
     bytes_freed: int
     bytes_kept: int
-
-
-def parse_size(text: str) -> int:
-    """``"10GiB"``, ``"500 MB"``, ``"0"`` -> bytes (binary units for ``KiB``/``K``, decimal for ``KB``).
-
-    Raises:
-        ConfigError: not a size.
-    """
-    cleaned = str(text).strip().lower().replace(" ", "")
-    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = cleaned[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _SIZE_UNITS or value < 0:
-        raise ConfigError(f"{text!r} is not a size; write e.g. 10GiB, 500MB or 0")
-    return int(value * _SIZE_UNITS[unit])
 
 
 class BlobCache:
@@ -178,6 +162,14 @@ class BlobCache:
             removed.append(entry)
             total -= entry.size
         return PruneResult(tuple(removed), sum(e.size for e in removed), total)
+
+    def maybe_prune(self) -> PruneResult | None:
+        """Prune to ``$FRACSTORE_CACHE_MAX_SIZE`` when it is set (stores call this after operations that fill the
+        cache); None when no limit is set or the cache is within it."""
+        limit = cache_max_bytes()
+        if limit is None or self.total_bytes() <= limit:
+            return None
+        return self.prune(limit)
 
     def _scan(self) -> Iterator[CacheEntry]:
         root = self.cache_dir / BLOBS_PREFIX

@@ -12,6 +12,10 @@ from .errors import ConfigError
 ENV_CACHE_DIR = "FRACSTORE_CACHE_DIR"
 ENV_STORE = "FRACSTORE_STORE"
 ENV_DEBUG = "FRACSTORE_DEBUG"
+ENV_CACHE_MAX_SIZE = "FRACSTORE_CACHE_MAX_SIZE"  # e.g. "20GiB": the local blob pool is pruned (LRU) to this size
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6}
+_SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
 
 DEFAULT_PACK_THRESHOLD = 1 << 20  # tensors smaller than 1 MiB share one packed blob per save
 DEFAULT_CHECKPOINT_INTERVAL = 1000
@@ -63,3 +67,31 @@ def default_store_url() -> str:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "share"
     return str(base / "fracstore" / "store")
+
+
+def parse_size(text: str) -> int:
+    """``"10GiB"``, ``"500 MB"``, ``"0"`` -> bytes (binary units for ``KiB``/``K``, decimal for ``KB``).
+
+    Raises:
+        ConfigError: not a size.
+    """
+    cleaned = str(text).strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value < 0:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 10GiB, 500MB or 0")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def cache_max_bytes() -> int | None:
+    """``$FRACSTORE_CACHE_MAX_SIZE`` in bytes, or None when unset (the cache is then never pruned on its own).
+
+    Raises:
+        ConfigError: the variable is not a size.
+    """
+    text = os.environ.get(ENV_CACHE_MAX_SIZE, "").strip()
+    return parse_size(text) if text else None

@@ -657,9 +657,13 @@ class Store:
         rest = [d for d in descriptors if d.digest not in found]
         if len(rest) <= 1:
             found.update(map(fetch, rest))
+            if rest and isinstance(self.blobs, CachedBlobStore):
+                self.cache.maybe_prune()
             return found
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="fracstore-verify") as pool:
             found.update(pool.map(fetch, rest))
+        if isinstance(self.blobs, CachedBlobStore):
+            self.cache.maybe_prune()  # blobs just used are within the prune grace period, so these stay
         return found
 
     def history(self, ref: str) -> Any:
