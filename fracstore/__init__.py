@@ -13,6 +13,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .bundle import BundleIndex, BundleModel, BundleSummary, ImportSummary
+from .cache import BlobCache, CacheEntry, PruneResult
 from .codec import TensorEntry
 from .digest import Descriptor, Digest
 from .errors import (
@@ -24,6 +26,7 @@ from .errors import (
     IntegrityError,
     NotAvailableError,
     NotFoundError,
+    OfflineError,
     OutcomeUnknownError,
     StorageError,
     UnsupportedBackendError,
@@ -32,9 +35,16 @@ from .manifest import FileEntry, Manifest, TrainingSummary
 from .model_types import register_model_type
 from .query import MetricFilter, ModelRecord, RecordTable, Ref
 from .store import ModelDiff, ModelInfo, SavedModel, Store
+from .transfer import TransferredVersion, TransferSummary
+from .verify import Problem, VerifyReport
 
 __all__ = [
     "AmbiguousRefError",
+    "BlobCache",
+    "BundleIndex",
+    "BundleModel",
+    "BundleSummary",
+    "CacheEntry",
     "ConfigError",
     "ConflictError",
     "Descriptor",
@@ -42,6 +52,7 @@ __all__ = [
     "FileEntry",
     "FormatError",
     "FracstoreError",
+    "ImportSummary",
     "IntegrityError",
     "Manifest",
     "MetricFilter",
@@ -50,7 +61,10 @@ __all__ = [
     "ModelRecord",
     "NotAvailableError",
     "NotFoundError",
+    "OfflineError",
     "OutcomeUnknownError",
+    "Problem",
+    "PruneResult",
     "RecordTable",
     "Ref",
     "SavedModel",
@@ -58,7 +72,10 @@ __all__ = [
     "Store",
     "TensorEntry",
     "TrainingSummary",
+    "TransferSummary",
+    "TransferredVersion",
     "UnsupportedBackendError",
+    "VerifyReport",
     "__version__",
     "register_model_type",
 ]
