@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .backend import file_chunks
 from .blobs import BlobStore
-from .cache import download_verified
+from .cache import CachedBlobStore, download_verified
 from .digest import Descriptor, Digest
 from .errors import FormatError, NotFoundError, OfflineError, StorageError, UnsupportedBackendError
 from .layout import blob_key
@@ -123,7 +123,18 @@ def copy(
 
     missing = _missing(destination, every)
     sent_bytes = sum(d.size for d in every if d.digest in missing)
-    with _ProgressBar(sent_bytes, enabled=progress, label=f"{source.url} -> {destination.url}") as bar:
+    # Bytes the bar counts: each blob once as it lands at the destination, plus its download first when it goes
+    # from one remote store to another through the local cache and is not cached yet.
+    relayed = [
+        d
+        for d in every
+        if d.digest in missing
+        and isinstance(source.blobs, CachedBlobStore)
+        and not destination.backend.is_local
+        and source.blobs.cached_file(d) is None
+    ]
+    total = sent_bytes + sum(d.size for d in relayed)
+    with _ProgressBar(total, enabled=progress, label=f"{source.url} -> {destination.url}") as bar:
         sender = _Sender(source, destination, bar)
         # Data before manifests, manifests before log entries: what a manifest names is in place before it is.
         sender.send_all([d for d in data_blobs if d.digest in missing])
@@ -223,9 +234,14 @@ class _Sender:
             if created and isinstance(destination.blobs, BlobStore):
                 destination.blobs.record_verified(descriptor.digest)  # hashed just now: no re-hash on first load
             return
-        path = source.blobs.local_file(descriptor)  # verified: stat against its record, or fetched into the cache
-        if path is None:  # unreachable: every store yields local files (in place, or cached)
-            raise StorageError(f"no local copy of blob {descriptor.digest} from {source.url}", key=key)
+        # A verified local file: the source's own (stat against its record), or its copy in the cache (fetched now).
+        if isinstance(source.blobs, CachedBlobStore):
+            path = source.blobs.cache.get(descriptor, source.backend, progress=self.progress).path
+        else:
+            verified = source.blobs.verified_file(descriptor)
+            if verified is None:  # unreachable: stores not on a local disk read through the cache
+                raise StorageError(f"no local copy of blob {descriptor.digest} from {source.url}", key=key)
+            path = verified.path
         if destination.backend.is_local:
             # Disk to disk: hashed again while it is copied, so a file that changed after its check is refused.
             destination.blobs.put(descriptor, file_chunks(path, self.progress), sync_folder=False, mutable=True)
