@@ -32,6 +32,7 @@ import secrets
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
 from typing import IO, Any
@@ -546,6 +547,42 @@ class Backend:
         if sync_folder:
             _fsync_dir(final.parent)
         return True
+
+    # -- metadata ---------------------------------------------------------------------------------------------
+
+    def modified(self, key: str) -> datetime:
+        """When ``key`` was last written, in UTC (garbage collection's grace period is measured from it).
+
+        Local disks: the file's ``st_mtime`` (by ``lstat``: a link is not followed). Object stores and memory: the
+        first of ``LastModified`` (S3), ``mtime`` (GCS, and fsspec's generic form), ``updated``, ``created``
+        (memory) that the filesystem's ``info`` reports.
+
+        Raises:
+            NotFoundError: no such key.
+            StorageError: the backend failed, or reports no modification time for the key.
+        """
+        with self._translate(key, "stat"):
+            if self._local_root is not None:
+                return datetime.fromtimestamp(os.lstat(self._local(key)).st_mtime, tz=UTC)
+            info = self._small("info", key, self._path(key))
+            for field in ("LastModified", "mtime", "updated", "created"):
+                value = info.get(field)
+                if isinstance(value, datetime):
+                    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    return datetime.fromtimestamp(value, tz=UTC)
+                if isinstance(value, str):
+                    with contextlib.suppress(ValueError):
+                        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+            # Without a time, the grace period cannot be honoured; guessing "old" could delete a blob being
+            # published right now.
+            raise StorageError(
+                f"{self.url} reports no modification time for {key} (info fields: {', '.join(sorted(info))}); "
+                "garbage collection needs one to apply its grace period",
+                key=key,
+                store=self.url,
+            )
 
 
 class _Unreachable:
