@@ -772,10 +772,19 @@ EXIT_INTEGRITY = 3
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     store = ctx.open_store()
     report = _api(store, "verify")(read_data=args.read_data)
-    problems = [{"kind": k, "subject": str(s), "message": m} for k, s, m in report.problems]
+    problems = [{"kind": p.kind, "subject": str(p.subject), "message": p.message} for p in report.problems]
     if args.json:
         ctx.emit_json(
-            {"versions_checked": report.versions_checked, "blobs_checked": report.blobs_checked, "problems": problems}
+            {
+                "store": report.store,
+                "read_data": report.read_data,
+                "entries_checked": report.entries_checked,
+                "versions_checked": report.versions_checked,
+                "blobs_checked": report.blobs_checked,
+                "bytes_checked": report.bytes_checked,
+                "unreferenced_blobs": report.unreferenced_blobs,
+                "problems": problems,
+            }
         )
     else:
         if problems:
@@ -783,8 +792,14 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
             ctx.out(table(["KIND", "SUBJECT", "PROBLEM"], rows))
         verdict = f"{len(problems)} problem(s)" if problems else "ok"
         how = "re-hashing every blob" if args.read_data else "checking sizes"
+        unreferenced = (
+            f", {report.unreferenced_blobs} unreferenced blob(s) (gc reclaims them)"
+            if report.unreferenced_blobs > 0
+            else ""
+        )
         ctx.say(
-            f"verified {store.url} ({how}): {report.versions_checked} versions, {report.blobs_checked} blobs: {verdict}"
+            f"verified {report.store} ({how}): {report.entries_checked} log entries, {report.versions_checked} "
+            f"versions, {report.blobs_checked} blobs ({format_size(report.bytes_checked)}){unreferenced}: {verdict}"
         )
     return EXIT_INTEGRITY if problems else 0
 
@@ -912,21 +927,39 @@ def cmd_remote_rm(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     run_demo = importlib.import_module("fracstore.demo").run_demo
-    store_url = None if getattr(args, "store", None) is None else resolve_store(args.store)[0]
+    # The demo saves into the same store as every other verb, so `fracstore ls` afterwards shows what it made.
     second = None if args.second_store is None else resolve_store(args.second_store)[0]
     report = run_demo(
-        store_url=store_url,
+        store_url=resolve_store(ctx.store_text)[0],
         second_store_url=second,
         workdir=None if args.workdir is None else Path(args.workdir),
         say=lambda line: ctx.say(str(line)),
     )
-    summary = getattr(report, "summary", report)
-    summary = summary() if callable(summary) else summary
     if args.json:
         ctx.emit_json(plain(report))
         return 0
-    ctx.out(str(summary))
+    ctx.out(_demo_summary(report))
     return 0
+
+
+def _demo_summary(report: Any) -> str:
+    """The demo report as a short summary: what was saved, which won, how well it applies, what was shipped."""
+    saved = [
+        [v.ref, str(v.width), str(v.steps), format_number(v.val_error), format_size(v.bytes_written)]
+        for v in report.saved
+    ]
+    lines = [
+        f"store:        {report.store_url}",
+        table(["SAVED", "WIDTH", "STEPS", "VAL_ERROR", "WRITTEN"], saved, right=[False, True, True, True, True]),
+        f"best:         {report.best_ref} (val_error {format_number(report.best_val_error)}; scheme floor "
+        f"{format_number(report.scheme_error)})",
+        f"applied to:   {report.new_inputs} new inputs, max error {format_number(report.test_error)}",
+        f"bundle:       {report.bundle_path} ({format_size(report.bundle_bytes)})",
+        f"imported:     {', '.join(report.imported_refs)} into {report.second_store_url} (max prediction difference "
+        f"{format_number(report.imported_difference)})",
+        f"took:         {report.duration_s:.1f} s",
+    ]
+    return "\n".join(lines)
 
 
 # -- the parser ---------------------------------------------------------------------------------------------------
@@ -1156,7 +1189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name")
 
     if apis["demo"]:
-        sub = verb("demo", cmd_demo, "train, save, search, push and load on throwaway stores, narrating each step")
-        sub.add_argument("--second-store", metavar="URL", help="the store to push to (default: a temporary one)")
-        sub.add_argument("--workdir", metavar="DIR", help="where the demo writes (default: a temporary folder)")
+        sub = verb("demo", cmd_demo, "train, save, find, load and ship a small model in the store, narrating each step")
+        sub.add_argument("--second-store", metavar="URL", help="where the bundle is imported (default: in --workdir)")
+        sub.add_argument("--workdir", metavar="DIR", help="where the bundle goes (default: a new temporary folder)")
     return parser
