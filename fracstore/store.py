@@ -707,7 +707,8 @@ class Store:
         where: Iterable[str | MetricFilter] = (),
         latest_only: bool = False,
     ) -> RecordTable:
-        """Live versions matching every given condition, oldest publish first.
+        """Live versions matching every given condition, oldest publish first. On a store opened offline: the live
+        versions whose manifest this machine has read before (the others cannot be loaded offline either).
 
         Args:
             name: exact model name.
@@ -732,7 +733,10 @@ class Store:
                 continue
             live = named.live()
             for version in live[-1:] if latest_only else live:
-                record = self._record(model_name, version, state)
+                try:
+                    record = self._record(model_name, version, state)
+                except OfflineError:
+                    continue  # offline, a version whose manifest this machine never read cannot be shown or used
                 if query.matches(record):
                     records.append(record)
         records.sort(key=lambda r: r.seq)
