@@ -378,6 +378,12 @@ def test_init_twice_reports_the_existing_store(cli: Callable[..., Run], tmp_path
     assert cli("-q", "init", "--store", str(tmp_path / "s")).err == ""
 
 
+@pytest.mark.skipif(not commands.supports_offline(), reason="Store.open takes no offline= in this installation")
+def test_offline_reads_a_local_store(cli: Callable[..., Run], seeded: Seeded) -> None:
+    run = cli("--offline", "--store", str(seeded.store), "best", "--metric", "val_loss", "--json")
+    assert run.rc == 0 and run.json()["ref"] == "pinn@2"
+
+
 def test_default_store_comes_from_the_environment(
     cli: Callable[..., Run], seeded: Seeded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
