@@ -14,9 +14,10 @@ import difflib
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from .errors import (
     OfflineError,
     StorageError,
 )
+from .gc import DEFAULT_GRACE, GcReport, RetentionPolicy, RetentionReport, apply_retention, collect, guarded_publish
 from .layout import MARKER_KEY, blob_key
 from .localfiles import read_cached, write_cached
 from .manifest import (
@@ -317,8 +319,19 @@ class Store:
         # The blobs' data was fsynced as each was written; now make their names durable, once per folder. Folders
         # of blobs this save found already present are included: a concurrent save may not have synced them yet.
         self.backend.sync_folders(blob_key(d.digest) for d in (*manifest.references(), manifest_ref))
-        self._confirm(manifest, manifest_ref)
-        version = self._publish(name, manifest_ref.digest)
+
+        def rewrite(missing: frozenset[Digest]) -> None:
+            # A gc run may have deleted blobs this save found present (DESIGN.md section 8): write them again.
+            for index, (descriptor, _) in hashed.items():
+                if descriptor.digest in missing:
+                    self.blobs.put(descriptor, plan.blobs[index].materialize().chunks, mutable=True)
+            for data in (history_bytes, *file_data.values(), manifest_bytes):
+                if data is not None and Digest.of(data) in missing:
+                    self.blobs.put_bytes(data)
+
+        version = self._publish(
+            name, manifest_ref.digest, confirm=lambda: self._confirm(manifest, manifest_ref), rewrite=rewrite
+        )
         references = manifest.references()
         return SavedModel(
             name=name,
@@ -411,11 +424,21 @@ class Store:
         """
         check_name(name)
         manifest = self.manifest(digest)
-        self._confirm(manifest, Descriptor(digest, self.blobs.size_of(digest)))
-        version = self._publish(name, digest)
+        version = self._publish(
+            name, digest, confirm=lambda: self._confirm(manifest, Descriptor(digest, self.blobs.size_of(digest)))
+        )
         return self.resolve(f"{name}@{version}")
 
-    def _publish(self, name: str, manifest: Digest) -> int:
+    def _publish(
+        self,
+        name: str,
+        manifest: Digest,
+        *,
+        confirm: Callable[[], None],
+        rewrite: Callable[[frozenset[Digest]], None] | None = None,
+    ) -> int:
+        # confirm runs inside gc.guarded_publish, after it notes the registry seq: the gc protocol needs to know
+        # which runs could have deleted a blob after the confirm (docs/format.md section 13.4).
         existing: list[int] = []
 
         def decide(state: RegistryState) -> Change | None:
@@ -425,7 +448,7 @@ class Store:
                 return None  # already published (a retried save, or a push of a version the store has)
             return Change("publish", name=name, manifest=manifest)
 
-        entry, state = self.registry.append(decide)
+        entry, state = guarded_publish(self, decide, manifest=manifest, confirm=confirm, rewrite=rewrite)
         if entry is None:
             return existing[-1]
         # The version is the one this entry created, whatever other writers did after it (even a delete).
@@ -455,7 +478,7 @@ class Store:
         if named is None or not named.versions:
             if ref.bare_digest_prefix is not None:
                 return self._resolve_digest(ref.text, ref.bare_digest_prefix, state)
-            raise self._unknown_name(ref.text, state)
+            raise self._unknown_name(name, ref.text, state)
         live = named.live()
         if ref.version is None and not live:
             raise NotFoundError(
@@ -501,11 +524,14 @@ class Store:
             raise AmbiguousRefError(text, [f"{n}@{v.version} ({v.manifest})" for n, v in matches])
         return max(matches, key=lambda m: m[1].seq)
 
-    def _unknown_name(self, name: str, state: RegistryState) -> NotFoundError:
+    def _unknown_name(self, name: str, ref: str, state: RegistryState) -> NotFoundError:
         live = [n for n, s in state.names.items() if s.live()]
         close = difflib.get_close_matches(name, live, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(live)} model name(s) exist (list them)"
-        return NotFoundError(f"no model named {name!r} in {self.url}{hint}", what=name, store=self.url)
+        if close:
+            hint = f"; did you mean {', '.join(close)}?"
+        else:
+            hint = f"; {len(live)} model name(s) exist (see `fracstore ls` or Store.list())"
+        return NotFoundError(f"no model named {name!r} in {self.url}{hint}", what=ref, store=self.url)
 
     def resolve(self, ref: str) -> ModelRecord:
         """The live version ``ref`` names.
@@ -913,6 +939,36 @@ class Store:
         """
         return verify.verify_store(self, read_data=read_data)
 
+    def gc(
+        self,
+        *,
+        grace: timedelta = DEFAULT_GRACE,
+        dry_run: bool = False,
+        now: Callable[[], datetime] | None = None,
+    ) -> GcReport:
+        """Delete blobs no live version references that are older than ``grace``; see :func:`fracstore.gc.collect`.
+
+        Args:
+            grace: minimum age of a deleted blob (protects blobs a publish is about to reference).
+            dry_run: list exactly what a real run would delete, with sizes, and write nothing.
+            now: the clock (tests pass a fake one).
+
+        Raises:
+            as :func:`fracstore.gc.collect` (an unreadable log or manifest stops gc before it deletes anything).
+        """
+        return collect(self, grace=grace, dry_run=dry_run, now=now)
+
+    def apply_retention(
+        self, policy: RetentionPolicy, *, dry_run: bool = False, now: Callable[[], datetime] | None = None
+    ) -> RetentionReport:
+        """Delete the live versions ``policy`` does not keep (tombstones; :meth:`gc` then reclaims their blobs).
+        See :func:`fracstore.gc.apply_retention`.
+
+        Raises:
+            as :func:`fracstore.gc.apply_retention`.
+        """
+        return apply_retention(self, policy, dry_run=dry_run, now=now)
+
     def export_bundle(
         self, refs: Sequence[str], path: str | os.PathLike[str], *, all_versions: bool = False
     ) -> bundle.BundleSummary:
@@ -1037,8 +1093,8 @@ def _open_marker(backend: Backend, *, create: bool) -> str:
     except NotFoundError:
         if not create:
             raise NotFoundError(
-                f"there is no fracstore store at {backend.url}; create one with Store.open(url) (create=True) or "
-                "`fracstore init`",
+                f"there is no fracstore store at {backend.url} (check the URL); create one with `fracstore init` or "
+                "Store.open(url, create=True)",
                 what=backend.url,
                 store=backend.url,
             ) from None
