@@ -117,8 +117,10 @@ def caputo_l1(u: torch.Tensor | np.ndarray, *, alpha: float, dt: float) -> torch
     return np.asarray(u @ matrix.T)
 
 
-def relaxation_residual(u: torch.Tensor, *, alpha: float, lam: float, dt: float) -> torch.Tensor:
+def relaxation_residual(u: torch.Tensor, *, alpha: float, lam: float | torch.Tensor, dt: float) -> torch.Tensor:
     """``D^alpha u + lam * u`` at ``t_1 .. t_n`` (L1 scheme) from samples ``u_0 .. u_n`` along the last axis.
+
+    ``lam`` is a number or a tensor that broadcasts against ``u[..., 1:]`` (one rate per row: shape ``(batch, 1)``).
 
     Raises:
         ConfigError: as :func:`caputo_l1`.
