@@ -238,13 +238,15 @@ def run_demo(
     )
     say(f"{len(listed)} live versions of {MODEL_NAME} in the store")
     best = store.best(METRIC, name=MODEL_NAME)
-    if best is None:  # impossible right after saving versions that all have the metric, unless they were deleted
-        raise ConfigError(f"no version of {MODEL_NAME} with {METRIC} in {store.url}; was it deleted concurrently?")
+    best_val_error = None if best is None else best.metric(METRIC)
+    if best is None or best_val_error is None:
+        # Only possible when another process deleted every version between the saves and this query.
+        raise ConfigError(f"no version of {MODEL_NAME} with {METRIC} left in {store.url}; run the demo again")
     store.tag(best.ref, BEST_TAG)
-    best_val_error = best.metric(METRIC)
     say(f"best by {METRIC}: {best.ref} ({best_val_error:.2e}), tagged {MODEL_NAME}:{BEST_TAG}")
 
-    model = store.load_model(f"{MODEL_NAME}:{BEST_TAG}")
+    # By name@version, not by the tag: a concurrent demo run may move the tag in between.
+    model = store.load_model(best.ref)
     t_new = _new_inputs(NEW_INPUTS, problem.horizon)
     predicted = _predict(model, t_new)
     exact = relaxation_exact(t_new.numpy(), alpha=problem.alpha, lam=problem.lam)
@@ -263,7 +265,7 @@ def run_demo(
     say(f"imported into {second.url}: {', '.join(imported_refs)} (published {published})")
     copy = second.load_model(imported_refs[0])
     difference = float(np.abs(_predict(copy, t_new) - predicted).max())
-    say(f"the imported copy {imported_refs[0]} predicts like the original: max difference {difference:.1e}")
+    say(f"loaded the imported copy {imported_refs[0]}: max difference from the original's predictions {difference:.1e}")
 
     return DemoReport(
         store_url=store.url,
@@ -278,7 +280,7 @@ def run_demo(
         saved=tuple(saved),
         listed=listed,
         best_ref=best.ref,
-        best_val_error=float(best_val_error if best_val_error is not None else float("nan")),
+        best_val_error=best_val_error,
         new_inputs=NEW_INPUTS,
         samples=samples,
         test_error=test_error,
