@@ -578,7 +578,7 @@ def _confirm_or_restore(
             rewrite(missing)
     try:
         confirm()
-    except StorageError as exc:
+    except (StorageError, NotFoundError) as exc:  # NotFoundError: the manifest itself is gone
         if rewrite is not None:
             # A sweep between this save's dedup and its confirm: the data is in hand, so write what is gone.
             rewrite(guard.wanted())
