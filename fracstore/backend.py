@@ -594,8 +594,9 @@ class _Unreachable:
 
     def __getattr__(self, name: str) -> Any:
         raise OfflineError(
-            f"{self._url} is opened offline, and this needs the store itself (it is not in the local cache). Open "
-            "it online, or use models that were loaded on this machine before",
+            f"{self._url} is opened offline, and this needs the store itself: a write, or data this machine has not "
+            "cached. Open it online for that; offline, only models loaded on this machine before can be listed and "
+            "loaded",
             store=self._url,
         )
 
