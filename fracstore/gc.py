@@ -72,6 +72,8 @@ __all__ = [
     "SweepConflictError",
     "apply_retention",
     "collect",
+    "decode_candidate_set",
+    "encode_candidate_set",
     "guarded_publish",
 ]
 
