@@ -31,10 +31,12 @@ from .errors import (
     StorageError,
     UnsupportedBackendError,
 )
+from .gc import GcCandidate, GcReport, RetentionPolicy, RetentionReport
 from .manifest import FileEntry, Manifest, TrainingSummary
 from .model_types import register_model_type
 from .query import MetricFilter, ModelRecord, RecordTable, Ref
 from .store import ModelDiff, ModelInfo, SavedModel, Store
+from .training import Checkpointer, restore_optimizer
 from .transfer import TransferredVersion, TransferSummary
 from .verify import Problem, VerifyReport
 
@@ -45,6 +47,7 @@ __all__ = [
     "BundleModel",
     "BundleSummary",
     "CacheEntry",
+    "Checkpointer",
     "ConfigError",
     "ConflictError",
     "Descriptor",
@@ -52,6 +55,8 @@ __all__ = [
     "FileEntry",
     "FormatError",
     "FracstoreError",
+    "GcCandidate",
+    "GcReport",
     "ImportSummary",
     "IntegrityError",
     "Manifest",
@@ -67,6 +72,8 @@ __all__ = [
     "PruneResult",
     "RecordTable",
     "Ref",
+    "RetentionPolicy",
+    "RetentionReport",
     "SavedModel",
     "StorageError",
     "Store",
@@ -78,4 +85,5 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "register_model_type",
+    "restore_optimizer",
 ]

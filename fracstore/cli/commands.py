@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import __version__
 from ..config import default_cache_dir, default_store_url
 from ..errors import ConfigError, FormatError, NotFoundError
@@ -927,6 +929,9 @@ def cmd_remote_rm(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     run_demo = importlib.import_module("fracstore.demo").run_demo
+    # The demo's networks are tiny: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
+    # it made the demo several times slower. The command owns the process, so it may set this; the library does not.
+    torch.set_num_threads(1)
     # The demo saves into the same store as every other verb, so `fracstore ls` afterwards shows what it made.
     second = None if args.second_store is None else resolve_store(args.second_store)[0]
     report = run_demo(
