@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -159,6 +160,21 @@ def _prepare_child(cache_dir: str) -> None:
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
+def _count_lost_races(backend_class: Any) -> list[str]:
+    """Record, in this process, every log create that found its key taken (a lost race)."""
+    lost: list[str] = []
+    original = backend_class.put_if_absent
+
+    def put_if_absent(backend: Any, key: str, *args: Any, **kwargs: Any) -> bool:
+        created = bool(original(backend, key, *args, **kwargs))
+        if key.startswith("log/") and not created:
+            lost.append(key)
+        return created
+
+    backend_class.put_if_absent = put_if_absent
+    return lost
+
+
 def publish_remote(
     url: str,
     storage_options: dict[str, Any],
@@ -171,14 +187,18 @@ def publish_remote(
     result_path: str,
 ) -> None:
     """Wait for every sibling, then open the store and publish ``count`` versions of ``name``, each carrying the
-    child and its index in its metrics and description. Report ``{"store_id", "saved": [[i, digest, version]]}``
-    or ``{"error": traceback}``."""
+    child and its index in its metrics and description. Report ``{"store_id", "saved": [[i, digest, version]],
+    "seconds", "lost"}`` (the time from the start of the race to the last publish, and how many log creates found
+    the key taken) or ``{"error": traceback}``."""
     report: dict[str, Any]
     try:
         _prepare_child(cache_dir)
         from fracstore import Store
+        from fracstore.backend import Backend
 
+        lost = _count_lost_races(Backend)
         barrier.wait(timeout=120)  # every child has imported torch and fracstore: now the race starts
+        started = time.monotonic()
         store = Store.open(url, storage_options=storage_options)
         saved = []
         for i in range(count):
@@ -189,7 +209,7 @@ def publish_remote(
                 description=f"child={child} index={i}",
             )
             saved.append([i, str(result.digest), result.version])
-        report = {"store_id": store.id, "saved": saved}
+        report = {"store_id": store.id, "saved": saved, "seconds": time.monotonic() - started, "lost": len(lost)}
     except BaseException:
         report = {"error": traceback.format_exc()}
     _write_report(result_path, report)
