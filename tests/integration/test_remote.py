@@ -202,8 +202,8 @@ def test_offline_load_list_best_make_no_request_with_the_server_stopped(
             assert [r.ref for r in local.list()] == ["x@1"]  # the refused push published nothing
 
         bounded(offline_session)
-    # Only the refused push ever asked the offline object's backend for anything, and that backend cannot make a
-    # request: each such call raised OfflineError without reaching the network.
+    # Only the refused operations (the uncached load, the save, the pushes) asked the offline object's backend for
+    # anything, and that backend cannot make a request: each such call raised OfflineError, reaching no server.
     assert all(r.error == "OfflineError" for r in requests.requests), requests.requests
     assert {r.url for r in requests.requests} <= {s3_location.url}
 
