@@ -319,6 +319,12 @@ class Backend:
                 if not S_ISREG(stat.st_mode):
                     raise FileNotFoundError(f"{key} is not a regular file")
                 return stat.st_size
+            if self.protocol in ("s3", "s3a"):
+                # One HEAD: s3fs's info() follows a 404 with a LIST to see whether the key is a "directory", which
+                # doubles the cost of every existence check of a missing blob or log entry.
+                bucket, object_key, _ = self.fs.split_path(self._path(key))
+                head = self._small("call_s3", key, "head_object", Bucket=bucket, Key=object_key)
+                return int(head["ContentLength"])
             return int(self._small("info", key, self._path(key))["size"])
 
     def exists(self, key: str) -> bool:

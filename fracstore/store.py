@@ -1076,9 +1076,10 @@ class _KnownStores:
         data = read_cached(self._path(url))
         try:
             raw = canonical.decode(data, what="remembered store", max_bytes=4096) if data is not None else None
-            return str(uuid.UUID(str(raw["store_id"]))) if isinstance(raw, dict) else ""
+            if isinstance(raw, dict):
+                return str(uuid.UUID(str(raw["store_id"])))
         except (FormatError, KeyError, ValueError):
-            pass
+            pass  # unreadable: as good as never remembered
         raise OfflineError(
             f"{redact_url(url)} was never opened online on this machine, so nothing of it is cached: open it online "
             "first (offline=False)",
