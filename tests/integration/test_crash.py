@@ -436,7 +436,8 @@ def test_save_whose_blob_vanishes_before_publish_publishes_nothing(
     store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The confirm step (DESIGN.md section 5): a referenced blob missing after writing (a concurrent gc, a damaged
-    store) stops the save before the log entry."""
+    store) is written once more from the data in hand; one that keeps vanishing stops the save before the log
+    entry."""
     store = Store.open(store_path, pack_threshold=0)
     store.save(_model(0), name="m")
     original = BlobStore.put
@@ -444,9 +445,10 @@ def test_save_whose_blob_vanishes_before_publish_publishes_nothing(
 
     def put_then_lose(self: BlobStore, descriptor: Any, data: Any, *args: Any, **kwargs: Any) -> bool:
         created = original(self, descriptor, data, *args, **kwargs)
-        if not doomed:  # the first tensor blob disappears right after it was written
-            path = store_path / blob_key(descriptor.digest)
+        path = store_path / blob_key(descriptor.digest)
+        if not doomed:  # the first tensor blob written disappears right after it was written, every time
             doomed.append(path)
+        if path == doomed[0]:
             path.unlink()
         return created
 
@@ -459,3 +461,24 @@ def test_save_whose_blob_vanishes_before_publish_publishes_nothing(
     assert len(Store.open(store_path, cache_dir=tmp_path / "fresh").list()) == 1
     assert store.save(_model(1), name="m").version == 2  # the retry writes the blob again
     assert doomed[0].exists()
+
+
+def test_save_rewrites_a_blob_that_vanished_once_before_publish(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(store_path, pack_threshold=0)
+    original = BlobStore.put
+    lost: list[Path] = []
+
+    def put_then_lose_once(self: BlobStore, descriptor: Any, data: Any, *args: Any, **kwargs: Any) -> bool:
+        created = original(self, descriptor, data, *args, **kwargs)
+        if not lost:
+            lost.append(store_path / blob_key(descriptor.digest))
+            lost[0].unlink()
+        return created
+
+    monkeypatch.setattr(BlobStore, "put", put_then_lose_once)
+    saved = store.save(_model(1), name="m")
+    assert lost[0].exists()  # written again from the data in hand before the publish
+    loaded = Store.open(store_path).load(saved.ref)
+    assert all(torch.equal(loaded[k], v) for k, v in _model(1).items())
