@@ -253,6 +253,16 @@ class Backend:
         with self._translate(key, "read"):
             return bytes(self._small("cat_file", key, self._path(key)))
 
+    def read_whole(self, key: str) -> bytes:
+        """All bytes of ``key`` in one request, with no deadline (a blob transfer takes as long as its data does).
+
+        Raises:
+            NotFoundError: no such key.
+            StorageError: the backend failed.
+        """
+        with self._translate(key, "read"):
+            return bytes(self.fs.cat_file(self._path(key)))
+
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``key``."""
         with self._translate(key, "read"):

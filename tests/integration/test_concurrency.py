@@ -9,7 +9,6 @@ Sizes are bounded by default; ``FRACSTORE_STRESS=1`` enlarges them, and the ``sl
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import threading
@@ -25,6 +24,7 @@ import torch
 from fracstore import ConflictError, Digest, Store, canonical
 from fracstore.layout import CHECKPOINT_POINTER_KEY, LOG_PREFIX, checkpoint_key, log_key, seq_from_key
 from fracstore.registry_state import RegistryState
+from tests.helpers import run_children
 from tests.integration._children import publish_models, publisher_state, same_bits
 
 STRESS = os.environ.get("FRACSTORE_STRESS") == "1"
@@ -243,26 +243,7 @@ def run_publishers(
         )
         for c in range(children)
     ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    try:
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        hung = [c for c, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"children {hung} did not finish within {JOIN_TIMEOUT} s"
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-    reports = []
-    for c, (proc, path) in enumerate(zip(procs, results, strict=True)):
-        report = json.loads(path.read_text()) if path.exists() else {"error": "no report"}
-        assert "error" not in report, f"child {c} failed (exit {proc.exitcode}):\n{report['error']}"
-        assert proc.exitcode == 0
-        reports.append(report)
-    return reports
+    return run_children(procs, results, timeout=JOIN_TIMEOUT)
 
 
 def check_process_run(store_path: Path, tmp_path: Path, reports: list[dict[str, Any]], count: int) -> Store:

@@ -13,7 +13,6 @@ took and how many log creates lost their race (``-s`` shows it).
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import time
@@ -26,6 +25,7 @@ import pytest
 
 from fracstore import Digest, Store, canonical
 from fracstore.layout import LOG_PREFIX, log_key
+from tests.helpers import run_children
 from tests.integration._remote_children import assert_same_state, child_state, publish_remote
 from tests.servers import StoreLocation
 
@@ -54,26 +54,7 @@ def run_publishers(location: StoreLocation, tmp_path: Path, name: str) -> list[d
         )
         for c in range(CHILDREN)
     ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    try:
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        hung = [c for c, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"children {hung} did not finish within {JOIN_TIMEOUT} s"
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-    reports = []
-    for c, (proc, path) in enumerate(zip(procs, results, strict=True)):
-        report = json.loads(path.read_text()) if path.exists() else {"error": "no report"}
-        assert "error" not in report, f"child {c} failed (exit {proc.exitcode}):\n{report['error']}"
-        assert proc.exitcode == 0
-        reports.append(report)
-    return reports
+    return run_children(procs, results, timeout=JOIN_TIMEOUT)
 
 
 def raw_log(location: StoreLocation) -> list[bytes]:
