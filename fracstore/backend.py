@@ -53,7 +53,7 @@ Data = Buffer | Iterable[Buffer]
 
 # Protocols whose pipe_file(mode="create") is a server-side conditional create.
 _NATIVE_CREATE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
-_TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"
 _memory_lock = threading.Lock()
 
 # botocore's defaults cost throughput (benchmarks/bench_remote.py): a CRC32 of every request and response body on
@@ -94,9 +94,15 @@ class _ByteProgress(Callback):  # type: ignore[misc]
 def tuned_storage_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """``storage_options`` with fracstore's measured defaults added for the URL's protocol (the caller's win)."""
     options = dict(storage_options or {})
-    if urlsplit(url).scheme in ("s3", "s3a"):
+    scheme = urlsplit(url).scheme
+    if scheme in ("s3", "s3a"):
         # A deep copy: botocore rewrites the dicts it is given (retries' max_attempts becomes total_max_attempts).
         options["config_kwargs"] = {**copy.deepcopy(dict(S3_TUNING)), **dict(options.get("config_kwargs") or {})}
+    if scheme in ("s3", "s3a", "gs", "gcs"):
+        # s3fs and gcsfs answer info() from listings cached without expiry (fsspec shares one filesystem object per
+        # set of options in a process): after a listing, a blob another machine deleted would still look present,
+        # and a save would dedup onto it and publish a version whose data is gone. Presence must be asked, always.
+        options.setdefault("use_listings_cache", False)
     return options
 
 
@@ -144,12 +150,7 @@ class Backend:
         if not isinstance(url, str | os.PathLike) or not str(url):
             raise StorageError(f"a store URL must be a non-empty string, not {url!r}")
         url = os.fspath(url)
-        if redact_url(url) != url:
-            # fsspec would pass the userinfo on as part of a bucket or host name, into error messages and logs.
-            raise ConfigError(
-                f"{redact_url(url)}: a store URL must not carry credentials; pass them in storage_options "
-                "(e.g. key=/secret= for s3, token= for gs) or through the standard environment and config files"
-            )
+        _refuse_userinfo(url)
         try:
             fs, root = fsspec.core.url_to_fs(url, **tuned_storage_options(url, storage_options))
         except ImportError as exc:
@@ -161,13 +162,23 @@ class Backend:
             raise StorageError(f"cannot open {redact_url(url)}: {exc}", store=redact_url(url)) from exc
         return cls(fs, root, url=url if "://" in url else root)
 
+    @staticmethod
+    def is_local_url(url: str) -> bool:
+        """True when ``url`` names a local folder (a plain path or ``file://``), without opening anything."""
+        scheme = urlsplit(url).scheme
+        return not scheme or scheme == "file" or (len(scheme) == 1 and url[1:2] == ":")  # "C:\\..." on Windows
+
     @classmethod
     def offline(cls, url: str) -> Backend:
         """A backend for ``url`` that makes no request at all: every operation raises :class:`OfflineError`.
 
         A store opened offline reads what the local cache holds and nothing else, so "no network" is a property of
-        the object rather than something every caller has to remember.
+        the object rather than something every caller has to remember. Nothing of fsspec is constructed.
+
+        Raises:
+            ConfigError: ``url`` carries credentials.
         """
+        _refuse_userinfo(url)
         protocol = urlsplit(url).scheme or "file"
         return cls(_Unreachable(redact_url(url), protocol), urlsplit(url).path, url=url)
 
@@ -252,16 +263,6 @@ class Backend:
         """
         with self._translate(key, "read"):
             return bytes(self._small("cat_file", key, self._path(key)))
-
-    def read_whole(self, key: str) -> bytes:
-        """All bytes of ``key`` in one request, with no deadline (a blob transfer takes as long as its data does).
-
-        Raises:
-            NotFoundError: no such key.
-            StorageError: the backend failed.
-        """
-        with self._translate(key, "read"):
-            return bytes(self.fs.cat_file(self._path(key)))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``key``."""
@@ -362,7 +363,7 @@ class Backend:
             if not relative.startswith(root.lstrip("/")):
                 continue
             key = relative[len(root.lstrip("/")) :]
-            if key and not key.rsplit("/", 1)[-1].startswith(_TEMP_PREFIX):
+            if key and not key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
                 keys.append(key)
         return sorted(keys)
 
@@ -428,10 +429,10 @@ class Backend:
             path = self._path(key)
             try:
                 # Object stores answer a delete of a missing key with success; ask first so the result is honest.
-                self._small("info", key, path)
-                self._small("rm_file", key, path)
-            except FileNotFoundError:
+                self.size(key)
+            except NotFoundError:
                 return False
+            self._small("rm_file", key, path)
             return True
 
     def probe_atomic_create(self) -> None:
@@ -472,7 +473,7 @@ class Backend:
 
     def _local_write_temp(self, final: Path, data: Data, *, mode: int, sync_folder: bool = True) -> Path:
         created_dirs = _mkdirs(final.parent)
-        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)  # O_EXCL, random name
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=TEMP_PREFIX)  # O_EXCL, random name
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -517,7 +518,7 @@ class Backend:
         :meth:`link_if_absent` later gives the name ``key``. Listing skips it; the caller removes it on failure."""
         final = self._local(key)
         _mkdirs(final.parent)
-        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)  # O_EXCL, random name
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=TEMP_PREFIX)  # O_EXCL, random name
         os.close(fd)
         return Path(tmp_name)
 
@@ -599,6 +600,15 @@ class Backend:
                 key=key,
                 store=self.url,
             )
+
+
+def _refuse_userinfo(url: str) -> None:
+    if redact_url(url) != url:
+        # fsspec would pass the userinfo on as part of a bucket or host name, into error messages and logs.
+        raise ConfigError(
+            f"{redact_url(url)}: a store URL must not carry credentials; pass them in storage_options "
+            "(e.g. key=/secret= for s3, token= for gs) or through the standard environment and config files"
+        )
 
 
 class _Unreachable:

@@ -330,7 +330,8 @@ class BlobStore:
         """Record the current identity of a blob file whose bytes were just verified or written by this process."""
         path = self.backend.local_path(blob_key(digest))
         if path is not None and self._record_path(digest) is not None:
-            self._write_record(digest, _identity(os.lstat(path)))
+            with contextlib.suppress(FileNotFoundError):  # discarded meanwhile: no record, its next use re-hashes
+                self._write_record(digest, _identity(os.lstat(path)))
 
     def _write_record(self, digest: Digest, identity: tuple[int, ...]) -> None:
         record = self._record_path(digest)

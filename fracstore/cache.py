@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .backend import Backend, Data, ProgressHook
+from .backend import TEMP_PREFIX, Backend, Data, ProgressHook
 from .blobs import BlobStore, VerifiedFile, hash_file
 from .config import cache_max_bytes, parse_size
 from .digest import Descriptor, Digest
@@ -38,6 +38,7 @@ __all__ += ["parse_size"]  # re-exported from config: sizes are the cache's voca
 IN_MEMORY_BLOB_BYTES = 64 << 20  # blobs up to this size are downloaded in one GET and hashed in memory
 IN_MEMORY_BUDGET_BYTES = 256 << 20  # ... with at most this many such bytes held at once by one process
 PRUNE_GRACE_SECONDS = 60.0  # a blob used this recently is never pruned (see the module docstring)
+STALE_TEMP_SECONDS = 24 * 3600.0  # prune removes fill temp files older than this (left by a killed process)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +108,9 @@ class BlobCache:
             StorageError: the transfer or the cache folder failed.
         """
         for _ in range(2):
-            download_verified(source, self.backend, descriptor, progress=progress)
-            self.pool.record_verified(descriptor.digest)
+            if download_verified(source, self.backend, descriptor, progress=progress):
+                self.pool.record_verified(descriptor.digest)  # this call's verified copy got the name
+            # else another process's copy holds the name: lookup checks it against its record, or re-hashes it
             found = self.lookup(descriptor)
             if found is not None:
                 return found
@@ -151,6 +153,8 @@ class BlobCache:
         """
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ConfigError(f"max_bytes must be a byte count >= 0, not {max_bytes!r}")
+        if not dry_run:
+            self._remove_stale_temp_files()
         entries = self.entries()
         total = sum(e.size for e in entries)
         recent = datetime.fromtimestamp(time.time() - PRUNE_GRACE_SECONDS, UTC)
@@ -173,6 +177,16 @@ class BlobCache:
         if limit is None or self.total_bytes() <= limit:
             return None
         return self.prune(limit)
+
+    def _remove_stale_temp_files(self) -> None:
+        # A fill killed mid-download (SIGKILL, OOM, power loss) leaves its temp file; a day is far longer than any
+        # live fill of one blob takes.
+        root = self.cache_dir / BLOBS_PREFIX
+        horizon = time.time() - STALE_TEMP_SECONDS
+        for path in root.glob(f"*/{TEMP_PREFIX}*") if root.is_dir() else ():
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_mtime < horizon:
+                    os.unlink(path)
 
     def _scan(self) -> Iterator[CacheEntry]:
         root = self.cache_dir / BLOBS_PREFIX
@@ -239,7 +253,8 @@ def _download_in_memory(
     key = blob_key(descriptor.digest)
     for attempt in range(2):
         with _in_memory_budget(descriptor.size):
-            data = source.read_whole(key)
+            # Capped: a damaged or hostile object under a small blob's name is not read whole into memory.
+            data = source.read_capped(key, descriptor.size)
             if len(data) == descriptor.size and Digest.of(data) == descriptor.digest:
                 created = target.put_if_absent(key, data, sync_folder=False)
                 if progress is not None:

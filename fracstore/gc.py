@@ -325,8 +325,11 @@ def collect(
     if begin is not None:
         # DESIGN.md section 8: deletes happen only while the run is open and within its lease (module docstring).
         deadline = time.monotonic() + SWEEP_LEASE.total_seconds()
+        # Also by the wall clock publishers judge expiry with: the monotonic clock stops while a machine is
+        # suspended, and a laptop that slept through its lease must not wake up and delete.
+        lease_end = _run_started(store, begin) + SWEEP_LEASE
         for candidate in candidates:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or _utcnow() > lease_end:
                 break  # the rest waits for the next run; publishers may treat this run as expired from now on
             if store.backend.delete(blob_key(candidate.digest)):
                 deleted += 1
@@ -586,9 +589,10 @@ def _confirm_or_restore(
             rewrite(guard.wanted())
             confirm()
             return
+        why = "a gc run deleted them while it was being published" if blobs else "a concurrent gc, or a damaged store"
         raise StorageError(
-            f"a gc run of {store.url} deleted blobs this model needs while it was being published ({exc}); nothing "
-            "was published. Copy (push, pull or import) the model again: only the missing blobs are sent",
+            f"blobs this model needs are missing from {store.url} ({why}: {exc}); nothing was published. Copy (push, "
+            "pull or import) the model again: only the missing blobs are sent",
             store=store.url,
         ) from exc
 

@@ -189,7 +189,6 @@ class Store:
             OfflineError: ``offline`` and the store was never opened online on this machine.
         """
         url = os.fspath(url)
-        backend = Backend.from_url(url, storage_options=storage_options)
         defaults = StoreOptions()
         options = StoreOptions(
             pack_threshold=defaults.pack_threshold if pack_threshold is None else pack_threshold,
@@ -197,13 +196,16 @@ class Store:
             append_attempts=defaults.append_attempts if append_attempts is None else append_attempts,
             cache_dir=None if cache_dir is None else Path(cache_dir),
         )
+        known = _KnownStores(options.cache_dir or default_cache_dir())
+        if offline and not Backend.is_local_url(url):
+            # Not even the filesystem object is built: constructing gcsfs's already asks the network for credentials.
+            offline_backend = Backend.offline(url)
+            return cls(offline_backend, store_id=known.store_id(url, storage_options), options=options, offline=True)
+        backend = Backend.from_url(url, storage_options=storage_options)
         if backend.is_local:
             return cls(backend, store_id=_open_marker(backend, create=create), options=options)
-        known = _KnownStores(options.cache_dir or default_cache_dir())
-        if offline:
-            return cls(Backend.offline(url), store_id=known.store_id(url), options=options, offline=True)
         store_id = _open_marker(backend, create=create)
-        known.remember(url, store_id)
+        known.remember(url, storage_options, store_id)
         return cls(backend, store_id=store_id, options=options)
 
     @property
@@ -332,6 +334,8 @@ class Store:
         version = self._publish(
             name, manifest_ref.digest, confirm=lambda: self._confirm(manifest, manifest_ref), rewrite=rewrite
         )
+        if isinstance(self.blobs, CachedBlobStore):
+            self.cache.maybe_prune()  # a remote save wrote its blobs through the pool
         references = manifest.references()
         return SavedModel(
             name=name,
@@ -405,7 +409,7 @@ class Store:
         if missing:
             raise StorageError(
                 f"{len(missing)} blob(s) of the new manifest are missing from {self.url} after writing "
-                f"(first: {missing[0].digest}); nothing was published. Run the save again.",
+                f"(first: {missing[0].digest}); nothing was published. Run the save (or push, pull, import) again.",
                 store=self.url,
             )
 
@@ -635,6 +639,10 @@ class Store:
                     key=blob_key(digest),
                     store=self.url,
                 )
+        if isinstance(self.blobs, CachedBlobStore):
+            # Only now: the tensors are mapped (an unlinked file stays mapped), so pruning cannot take this load's
+            # own blobs from under it, however long fetching them took.
+            self.cache.maybe_prune()
         if into is None:
             return state_dict
         if strict:
@@ -683,13 +691,9 @@ class Store:
         rest = [d for d in descriptors if d.digest not in found]
         if len(rest) <= 1:
             found.update(map(fetch, rest))
-            if rest and isinstance(self.blobs, CachedBlobStore):
-                self.cache.maybe_prune()
             return found
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="fracstore-verify") as pool:
             found.update(pool.map(fetch, rest))
-        if isinstance(self.blobs, CachedBlobStore):
-            self.cache.maybe_prune()  # blobs just used are within the prune grace period, so these stay
         return found
 
     def history(self, ref: str) -> Any:
@@ -1058,22 +1062,29 @@ def _check_fits(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 class _KnownStores:
-    """Which store id each remote URL had when this machine last opened it online (for offline opens)."""
+    """Which store id each remote URL had when this machine last opened it online (for offline opens). A URL is
+    known together with its endpoint: ``s3://models`` on MinIO and on AWS are different stores."""
 
     def __init__(self, cache_dir: Path) -> None:
         self._folder = cache_dir / "remotes"
 
-    def _path(self, url: str) -> Path:
-        return self._folder / f"{Digest.of(redact_url(url).rstrip('/').encode()).hex}.msgpack"
+    def _where(self, url: str, storage_options: Mapping[str, Any] | None) -> str:
+        endpoint = (storage_options or {}).get("endpoint_url")
+        where = redact_url(url).rstrip("/")
+        return where if not endpoint else f"{where} at {redact_url(str(endpoint)).rstrip('/')}"
 
-    def remember(self, url: str, store_id: str) -> None:
-        record = canonical.encode({"url": redact_url(url).rstrip("/"), "store_id": store_id})
-        if read_cached(self._path(url)) != record:
+    def _path(self, where: str) -> Path:
+        return self._folder / f"{Digest.of(where.encode()).hex}.msgpack"
+
+    def remember(self, url: str, storage_options: Mapping[str, Any] | None, store_id: str) -> None:
+        where = self._where(url, storage_options)
+        record = canonical.encode({"url": where, "store_id": store_id})
+        if read_cached(self._path(where)) != record:
             with contextlib.suppress(OSError):  # only offline opens need it
-                write_cached(self._path(url), record)
+                write_cached(self._path(where), record)
 
-    def store_id(self, url: str) -> str:
-        data = read_cached(self._path(url))
+    def store_id(self, url: str, storage_options: Mapping[str, Any] | None) -> str:
+        data = read_cached(self._path(self._where(url, storage_options)))
         try:
             raw = canonical.decode(data, what="remembered store", max_bytes=4096) if data is not None else None
             if isinstance(raw, dict):

@@ -147,6 +147,9 @@ def copy(
         published = destination.publish_manifest(record.name, record.digest)
         carried.append(TransferredVersion(record.name, record.version, published.version, record.digest, not had))
     moved_tags = _carry_tags(source, destination, records, carried) if tags else ()
+    for store in (source, destination):
+        if isinstance(store.blobs, CachedBlobStore):
+            store.blobs.cache.maybe_prune()  # blobs relayed or fetched through the pool
     return TransferSummary(
         source=source.url,
         destination=destination.url,
@@ -228,15 +231,24 @@ class _Sender:
     def _send(self, descriptor: Descriptor) -> None:
         source, destination = self.source, self.destination
         key = blob_key(descriptor.digest)
-        if destination.backend.is_local and not source.backend.is_local:
-            # Straight into the destination's blob folder: no detour through the cache.
+        # The existence check found the blob missing or of the wrong size. Something wrong under the name would
+        # refuse the create below forever: remove it, but only what is seen to be wrong right now (a concurrent copy
+        # may have created the right blob since the check). On a local disk "wrong" includes a failed re-hash.
+        blobs = destination.blobs
+        if (blobs.remote if isinstance(blobs, CachedBlobStore) else blobs).inspect(descriptor) == "bad":
+            destination.backend.delete(key)
+        pooled = source.blobs.cached_file(descriptor) if isinstance(source.blobs, CachedBlobStore) else None
+        if destination.backend.is_local and isinstance(source.blobs, CachedBlobStore) and pooled is None:
+            # Straight into the destination's blob folder: no detour through the cache. (A blob the pool holds, such
+            # as the manifest this transfer just read, is copied from there below instead: no second download.)
             created = download_verified(source.backend, destination.backend, descriptor, progress=self.progress)
             if created and isinstance(destination.blobs, BlobStore):
                 destination.blobs.record_verified(descriptor.digest)  # hashed just now: no re-hash on first load
             return
         # A verified local file: the source's own (stat against its record), or its copy in the cache (fetched now).
         if isinstance(source.blobs, CachedBlobStore):
-            path = source.blobs.cache.get(descriptor, source.backend, progress=self.progress).path
+            found = pooled or source.blobs.cache.get(descriptor, source.backend, progress=self.progress)
+            path = found.path
         else:
             verified = source.blobs.verified_file(descriptor)
             if verified is None:  # unreachable: stores not on a local disk read through the cache

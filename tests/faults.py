@@ -46,7 +46,6 @@ ErrorFactory = BaseException | Callable[[str], BaseException] | None
 _KEYED = frozenset(
     {
         "read",
-        "read_whole",
         "read_range",
         "read_capped",
         "open_read",
@@ -62,7 +61,7 @@ _KEYED = frozenset(
         "link_if_absent",
     }
 )
-_READS_BYTES = frozenset({"read", "read_whole", "read_range", "read_capped"})
+_READS_BYTES = frozenset({"read", "read_range", "read_capped"})
 _WRITES_DATA = frozenset({"put_if_absent", "put_overwrite"})
 _CORRUPTIBLE = _READS_BYTES | _WRITES_DATA | {"open_read", "download", "upload"}
 _CREATES = frozenset({"put_if_absent", "upload", "link_if_absent"})
@@ -208,7 +207,7 @@ class FaultyBackend:
     def truncate(
         self, method: str, *, to: int = -1, keys: KeyFilter = None, on_call: int = 1, times: int | None = None
     ) -> Fault:
-        """Data read (read, read_whole, read_range, read_capped, open_read, download) or written (put_if_absent,
+        """Data read (read, read_range, read_capped, open_read, download) or written (put_if_absent,
         put_overwrite, upload) ends at object offset ``to`` (default: the last byte is lost)."""
         return self._corrupt(method, truncated(to), keys, on_call, times)
 

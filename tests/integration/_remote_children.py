@@ -55,7 +55,6 @@ def assert_same_state(loaded: Any, expected: Any) -> None:
 
 _REQUEST_METHODS = (
     "read",
-    "read_whole",
     "read_range",
     "read_capped",
     "download",
@@ -118,7 +117,7 @@ class RequestLog:
             received = 0
             if name == "download":
                 received = os.path.getsize(args[0] if args else kwargs["path"])
-            elif name in ("read", "read_whole", "read_range", "read_capped"):
+            elif name in ("read", "read_range", "read_capped"):
                 received = len(result)
             log._add(Request(backend.url, name, key, sent + received))
             return result

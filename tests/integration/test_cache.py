@@ -87,7 +87,7 @@ def test_a_cached_model_loads_with_zero_blob_requests(
 
     first = open_store(s3_location, cache_dir=cache)
     assert_same_state(first.load("m"), model_state())
-    fetched = {r.key for r in blob_requests(requests) if r.method in ("download", "read_whole", "read_capped", "read")}
+    fetched = {r.key for r in blob_requests(requests) if r.method in ("download", "read_capped", "read")}
     assert len(fetched) == 4, "the counter must see the first load's fetches (3 blobs and the manifest)"
 
     requests.clear()
@@ -246,7 +246,7 @@ def test_a_corrupt_cache_entry_is_discarded_and_fetched_again(
     assert_same_state(again.load("m"), model_state())
     assert sha256_of(path) == descriptor.digest.hex, "the cached copy is good again"
     assert not path.stat().st_mode & stat.S_IWUSR
-    refetched = [r.key for r in blob_requests(requests) if r.method in ("download", "read_whole")]
+    refetched = [r.key for r in blob_requests(requests) if r.method in ("download", "read_capped")]
     assert refetched == [blob_key(descriptor.digest)], "only the damaged blob is fetched again"
     # and the next load trusts it again without a request
     requests.clear()
@@ -361,7 +361,7 @@ def test_blobs_a_load_used_are_kept_and_pruned_ones_are_fetched_again(
 
     requests = RequestLog().install(monkeypatch)
     assert_same_state(open_store(s3_location, cache_dir=cache_dir).load("m"), model_state())
-    assert {r.method for r in blob_requests(requests)} & {"download", "read_whole"}, "a pruned cache is filled again"
+    assert {r.method for r in blob_requests(requests)} & {"download", "read_capped"}, "a pruned cache is filled again"
     assert cache.total_bytes() == total
 
 
@@ -433,7 +433,7 @@ def test_a_fill_that_arrives_corrupt_is_fetched_once_more(
     reader = Store.open(memory_location.url, cache_dir=tmp_path / "other-machine")
     digest = reader.manifest(reader.resolve("m").digest).tensor_blobs[0].digest
     faulty = FaultyBackend(reader.backend).install(reader)
-    method = "download" if path == "streamed" else "read_whole"
+    method = "download" if path == "streamed" else "read_capped"
     fault = faulty.flip_bit(method, offset=100, keys=blob_key(digest), times=None if persistent else 1)
     if persistent:
         with pytest.raises(IntegrityError) as info:

@@ -312,7 +312,7 @@ def test_a_push_onto_swept_blobs_commits_nothing_and_a_retry_succeeds(
             swept.append(destination.gc(now=days_ahead(8)))
 
     monkeypatch.setattr(destination, "_confirm", confirm_then_sweep)
-    with pytest.raises(StorageError, match="deleted blobs this model needs"):
+    with pytest.raises(StorageError, match="blobs this model needs are missing"):
         source.push(destination, "m")
     assert swept and swept[0].blobs_deleted >= 3
     assert [e.op for e in destination.log()] == ["publish", "delete", "gc-begin", "gc-end"]

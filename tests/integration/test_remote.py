@@ -356,9 +356,14 @@ def test_s3_stores_get_the_tuning_under_the_callers_options(s3_location: StoreLo
     tuned = tuned_storage_options(s3_location.url, caller)
     assert caller == before, "the caller's options were changed in place"
     assert tuned["config_kwargs"] == {**S3_TUNING, "max_pool_connections": 5, "read_timeout": 7}
-    assert {k: v for k, v in tuned.items() if k != "config_kwargs"} == s3_location.storage_options
+    assert {k: v for k, v in tuned.items() if k not in ("config_kwargs", "use_listings_cache")} == dict(
+        s3_location.storage_options
+    )
+    assert tuned["use_listings_cache"] is False  # presence must never come from a cached listing
+    assert tuned_storage_options(s3_location.url, {"use_listings_cache": True})["use_listings_cache"] is True
     assert tuned_storage_options(s3_location.url, None)["config_kwargs"] == dict(S3_TUNING)
-    assert tuned_storage_options("gs://bucket/store", {"token": "anon"}) == {"token": "anon"}
+    gcs = tuned_storage_options("gs://bucket/store", {"token": "anon"})
+    assert gcs == {"token": "anon", "use_listings_cache": False}
     assert tuned_storage_options("/some/folder", None) == {}
 
     # What the store's filesystem really got, and it works with it.
@@ -369,3 +374,48 @@ def test_s3_stores_get_the_tuning_under_the_callers_options(s3_location: StoreLo
     assert config["retries"]["mode"] == "standard"  # botocore rewrites max_attempts into its own total count
     assert store.save({"w": torch.ones(2)}, name="m").version == 1
     assert isinstance(Backend.from_url(s3_location.url, storage_options=caller).fs.config_kwargs, dict)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("s3", marks=pytest.mark.s3), pytest.param("gcs", marks=pytest.mark.gcs)])
+def test_a_blob_deleted_by_another_machine_after_a_listing_is_written_again(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # s3fs and gcsfs answer info() from listings cached without expiry; a save that trusted such an answer would
+    # dedup onto a deleted blob and publish a version whose data is gone.
+    location: StoreLocation = request.getfixturevalue(f"{kind}_location")
+    store = open_store(location)
+    weights = {"w": torch.arange(400_000, dtype=torch.float32)}
+    store.save(weights, name="gone")
+    digest = store.manifest(store.resolve("gone").digest).tensor_blobs[0].digest
+    store.delete("gone")
+    assert store.verify().ok  # lists blobs/ through the same filesystem object
+    other_machine = fsspec.filesystem(
+        "s3" if kind == "s3" else "gcs", skip_instance_cache=True, **location.storage_options
+    )
+    other_machine.rm_file(f"{location.url.split('://', 1)[1]}/{blob_key(digest)}")
+    saved = store.save(weights, name="back")
+    assert saved.bytes_written >= weights["w"].numel() * 4  # the blob was uploaded again, not deduped onto
+    fresh = open_store(location, cache_dir=tmp_path / "fresh-machine")
+    assert torch.equal(fresh.load("back")["w"], weights["w"])
+    assert fresh.verify().ok
+
+
+@pytest.mark.gcs
+def test_an_offline_open_builds_no_client_at_all(
+    gcs_location: StoreLocation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(gcs_location, cache_dir=tmp_path / "cache")
+    store.save({"w": torch.ones(3)}, name="m")
+    import gcsfs
+
+    def no_client(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an offline open constructed a GCS client (it asks the network for credentials)")
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "__init__", no_client)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    offline = Store.open(
+        gcs_location.url, storage_options=gcs_location.storage_options, cache_dir=tmp_path / "cache", offline=True
+    )
+    assert torch.equal(offline.load("m")["w"], torch.ones(3))
+    with pytest.raises(OfflineError, match="never opened online"):
+        Store.open("gs://some-other-bucket/store", cache_dir=tmp_path / "cache", offline=True)
