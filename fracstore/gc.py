@@ -301,7 +301,9 @@ def collect(
     if not isinstance(grace, timedelta) or grace < timedelta(0):
         raise ConfigError(f"grace must be a timedelta >= 0, not {grace!r}")
     clock = now or _utcnow
-    state = store.registry.refresh()
+    # Marked from a full replay, not from a checkpoint or the local replay cache: a wrong but decodable starting
+    # state could otherwise make live blobs look unreferenced (docs/format.md section 13).
+    state = store.registry.replay_from_start()
     marked, live = _mark(store, state)
     moment = clock()
     candidates, kept_young, referenced = _find_candidates(store, marked, moment, grace)

@@ -351,6 +351,19 @@ class Registry:
             self.backend.put_if_absent(checkpoint_key(state.seq), canonical.encode(state.to_dict()))
             self.backend.put_overwrite(CHECKPOINT_POINTER_KEY, canonical.encode({"seq": state.seq}))
 
+    def replay_from_start(self) -> RegistryState:
+        """The state replayed from the first log entry, trusting no checkpoint and no cache (what a destructive
+        operation such as gc marks from: a decodable but wrong cached state must not make live blobs look
+        unreferenced). Costs O(history).
+
+        Raises:
+            IntegrityError, FormatError: the log is damaged.
+        """
+        state = RegistryState()
+        for entry, digest in self._log_after(0, None):
+            state.apply(entry, digest)
+        return state
+
     # -- reading entries for humans ---------------------------------------------------------------------------
 
     def entries(self, *, since: int = 0) -> list[Entry]:

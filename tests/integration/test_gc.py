@@ -466,3 +466,25 @@ def test_a_killed_sweeper_leaves_a_loadable_store_and_a_later_gc_completes(tmp_p
     assert [r.ref for r in fresh.list()] == ["m@2", "n@1"]
     assert same(fresh.load("m@2"), weights(2)) and same(fresh.load("n"), weights(3))
     assert fresh.verify().problems == ()
+
+
+def test_gc_marks_from_the_log_not_from_a_forged_replay_cache(store_path: Path, isolated_cache: Path) -> None:
+    from fracstore import canonical
+
+    store = Store.open(store_path)
+    store.save(weights(1), name="kept")
+    store.save(weights(2), name="other")
+    needed = referenced(store, "kept")
+    # A replay cache whose tip digest is right but whose content lost a live model (a damaged or forged file).
+    cache_file = isolated_cache / "stores" / store.id / "registry.msgpack"
+    state = Store.open(store_path).registry.refresh().to_dict()  # a reader that replayed writes the cache
+    assert cache_file.is_file()
+    raw = canonical.decode(cache_file.read_bytes(), what="replay cache", max_bytes=1 << 24)
+    assert raw["seq"] == state["seq"]
+    raw["names"] = {k: v for k, v in raw["names"].items() if k != "kept"}
+    cache_file.write_bytes(canonical.encode(raw))
+    fresh = Store.open(store_path)
+    report = fresh.gc(grace=timedelta(days=1), now=days_ahead(30))
+    assert not needed & {c.digest for c in report.candidates}
+    # The log itself still says "kept" is live, and its data survived the sweep.
+    assert same(Store.open(store_path, cache_dir=store_path.parent / "other-cache").load("kept"), weights(1))
