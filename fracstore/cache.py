@@ -165,6 +165,10 @@ class BlobCache:
             if entry.last_used >= recent:
                 continue
             if not dry_run:
+                # The scan may be seconds old in a big pool: another process may have used the blob since.
+                used = self.pool.last_verified(entry.digest)
+                if used is not None and used >= recent.timestamp():
+                    continue
                 self.discard(entry.digest)
             removed.append(entry)
             total -= entry.size

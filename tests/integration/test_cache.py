@@ -445,3 +445,23 @@ def test_a_fill_that_arrives_corrupt_is_fetched_once_more(
         assert torch.equal(reader.load("m")["w"], weights["w"])
         assert fault.fired == 1
         assert (tmp_path / "other-machine" / blob_key(digest)).is_file()
+
+
+def test_prune_keeps_a_blob_used_after_its_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = BlobCache(tmp_path / "cache")
+    source = Backend.from_url(str(tmp_path / "source"))
+    data = os.urandom(1000)
+    descriptor = Descriptor(Digest.of(data), len(data))
+    source.put_if_absent(blob_key(descriptor.digest), data)
+    cache.fill(descriptor, source)
+    old = time.time() - 10 * PRUNE_GRACE_SECONDS
+    record = tmp_path / "cache" / "verified" / descriptor.digest.hex[:2] / descriptor.digest.hex
+    os.utime(record, (old, old))
+    os.utime(tmp_path / "cache" / blob_key(descriptor.digest), (old, old), follow_symlinks=False)
+    stale = cache.entries()  # the scan sees it unused for ten grace periods...
+    assert stale[0].last_used.timestamp() < time.time() - PRUNE_GRACE_SECONDS
+    assert cache.lookup(descriptor) is not None  # ...then another process uses it
+    monkeypatch.setattr(cache, "entries", lambda: stale)
+    result = cache.prune(0)
+    assert result.removed == ()
+    assert cache.lookup(descriptor) is not None
