@@ -209,3 +209,32 @@ def test_local_to_gcs_and_s3_to_gcs_round_trips(
     assert local.push(gcs, "m", all_versions=True).bytes_sent == 0
     assert [v.published for v in gcs.pull(s3, "m", all_versions=True).versions] == [False, False]
     assert len(open_store(gcs_location, cache_dir=tmp_path / "gcs-final-cache").log()) == 3  # 2 publishes + tag
+
+
+@pytest.mark.parametrize("direction", ["local->s3", "s3->local"])
+def test_a_wrong_sized_blob_at_the_destination_is_replaced(
+    s3_location: StoreLocation, tmp_path: Path, direction: str
+) -> None:
+    local = Store.open(tmp_path / "local")
+    remote = open_store(s3_location)
+    source, destination = (local, remote) if direction == "local->s3" else (remote, local)
+    saved = source.save(big_state(), name="m")
+    victim = max(source.manifest(saved.digest).tensor_blobs, key=lambda d: d.size)
+    # Something short under the blob's name (a damaged copy, a truncated upload by another tool).
+    if destination is remote:
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_location.storage_options)
+        fs.pipe_file(f"{s3_location.url.removeprefix('s3://')}/{blob_key(victim.digest)}", b"truncated")
+    else:
+        path = tmp_path / "local" / blob_key(victim.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"truncated")
+    summary = source.push(destination, "m")
+    assert [v.published for v in summary.versions] == [True]
+    assert destination.blobs.size_of(victim.digest) == victim.size
+    reader = Store.open(
+        destination.backend.url if destination is local else s3_location.url,
+        storage_options=None if destination is local else s3_location.storage_options,
+        cache_dir=tmp_path / "fresh-cache",
+    )
+    assert_same_state(reader.load("m"), big_state())
+    assert reader.verify(read_data=True).ok
