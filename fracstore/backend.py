@@ -412,7 +412,7 @@ class Backend:
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
-                _fsync_dir(final.parent)
+                fsync_folder(final.parent)
                 return
             joined = b"".join(_chunks(data))
             self._small("pipe_file", key, self._path(key), joined, size=len(joined))
@@ -488,7 +488,7 @@ class Backend:
             raise
         if sync_folder:  # else sync_folders() covers the new folders' entries in their parents
             for folder in created_dirs:
-                _fsync_dir(folder.parent)
+                fsync_folder(folder.parent)
         return tmp
 
     def sync_folders(self, keys: Iterable[str]) -> None:
@@ -511,7 +511,7 @@ class Backend:
                 folder = folder.parent
         for folder in sorted(folders):
             with self._translate(str(folder.relative_to(self._local_root)), "sync"):
-                _fsync_dir(folder)
+                fsync_folder(folder)
 
     def local_temp(self, key: str) -> Path:
         """A new empty file with a random name in ``key``'s folder on a local disk, for data that
@@ -562,7 +562,7 @@ class Backend:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         if sync_folder:
-            _fsync_dir(final.parent)
+            fsync_folder(final.parent)
         return True
 
     # -- metadata ---------------------------------------------------------------------------------------------
@@ -651,8 +651,9 @@ def _mkdirs(folder: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _fsync_dir(folder: Path) -> None:
-    # A new directory entry is durable only once its folder is fsynced (restic / ext4 semantics).
+def fsync_folder(folder: Path) -> None:
+    """Make the names in a local folder durable: a new directory entry survives a power loss only once its folder is
+    fsynced (restic / ext4 semantics)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

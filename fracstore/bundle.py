@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import canonical
+from .backend import file_chunks, fsync_folder
 from .config import MAX_ENTRY_BYTES, MAX_MANIFEST_BYTES
 from .digest import Descriptor, Digest
 from .errors import ConflictError, FormatError, FracstoreError, IntegrityError, NotFoundError, StorageError
@@ -356,7 +357,7 @@ def export_bundle(
             return [manifests[descriptor.digest]]
         local = store.blobs.local_file(descriptor)  # verified (a stat check, or a re-hash when stale)
         if local is not None:
-            return _file_chunks(local)
+            return file_chunks(local)
         return [store.blobs.get(descriptor)]  # verified; one blob in memory at a time
 
     file_size = write_bundle(path, index, chunks)
@@ -437,14 +438,6 @@ def _provenance(
     return {key: tuple(data for _, data in sorted(entries)) for key, entries in found.items()}
 
 
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    # O_NOFOLLOW: a blob file is never a symlink in a store fracstore wrote (DESIGN.md section 9).
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with open(fd, "rb", buffering=0) as handle:
-        while chunk := handle.read(_CHUNK):
-            yield chunk
-
-
 def write_bundle(
     path: str | os.PathLike[str], index: BundleIndex, chunks: Callable[[Descriptor], Iterable[Buffer]]
 ) -> int:
@@ -486,7 +479,7 @@ def write_bundle(
             raise StorageError(f"cannot write the bundle {target}: {exc}") from exc
         raise
     with contextlib.suppress(OSError):  # durability of the new name; the file itself is complete either way
-        _fsync_dir(folder)
+        fsync_folder(folder)
     return size
 
 
@@ -519,14 +512,6 @@ def _write_member(archive: zipfile.ZipFile, name: str, chunks: Iterable[Buffer],
             key=blob_key(descriptor.digest),
             expected=str(descriptor.digest),
         )
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- reading and import -------------------------------------------------------------------------------------------

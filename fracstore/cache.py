@@ -259,13 +259,14 @@ def _download_in_memory(
         with _in_memory_budget(descriptor.size):
             # Capped: a damaged or hostile object under a small blob's name is not read whole into memory.
             data = source.read_capped(key, descriptor.size)
-            if len(data) == descriptor.size and Digest.of(data) == descriptor.digest:
+            actual = Digest.of(data)
+            if len(data) == descriptor.size and actual == descriptor.digest:
                 created = target.put_if_absent(key, data, sync_folder=False)
                 if progress is not None:
                     progress(len(data))
                 return created
         if attempt == 1:
-            raise _source_corrupt(descriptor, source, len(data), Digest.of(data))
+            raise _source_corrupt(descriptor, source, len(data), actual)
     raise AssertionError("unreachable: the second attempt returns or raises")
 
 
@@ -398,12 +399,13 @@ class CachedBlobStore:
                 key=key,
                 store=self.backend.url,
             )
-        if Digest.of(data) != digest:
+        actual = Digest.of(data)
+        if actual != digest:
             raise IntegrityError(
-                f"blob {digest} in {self.backend.url} hashes to {Digest.of(data)}: the stored copy is corrupt",
+                f"blob {digest} in {self.backend.url} hashes to {actual}: the stored copy is corrupt",
                 key=key,
                 expected=str(digest),
-                actual=str(Digest.of(data)),
+                actual=str(actual),
                 store=self.backend.url,
             )
         self.cache.pool.put(Descriptor(digest, len(data)), data, sync_folder=False)

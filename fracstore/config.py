@@ -4,6 +4,7 @@ called, so tests and long-running programs see changes (STYLE.md: the huggingfac
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ ENV_CACHE_MAX_SIZE = "FRACSTORE_CACHE_MAX_SIZE"  # e.g. "20GiB": the local blob 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6}
 _SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*")
 
 DEFAULT_PACK_THRESHOLD = 1 << 20  # tensors smaller than 1 MiB share one packed blob per save
 DEFAULT_CHECKPOINT_INTERVAL = 1000
@@ -70,21 +72,17 @@ def default_store_url() -> str:
 
 
 def parse_size(text: str) -> int:
-    """``"10GiB"``, ``"500 MB"``, ``"0"`` -> bytes (binary units for ``KiB``/``K``, decimal for ``KB``).
+    """``"10GiB"``, ``"500 MB"``, ``"1.5 MiB"``, ``"0"`` -> bytes (binary units for ``KiB``/``K``, decimal for
+    ``KB``).
 
     Raises:
         ConfigError: not a size.
     """
-    cleaned = str(text).strip().lower().replace(" ", "")
-    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = cleaned[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _SIZE_UNITS or value < 0:
-        raise ConfigError(f"{text!r} is not a size; write e.g. 10GiB, 500MB or 0")
-    return int(value * _SIZE_UNITS[unit])
+    match = _SIZE_RE.fullmatch(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ConfigError(f"{text!r} is not a size; write a number with an optional unit, e.g. 10GiB, 500MB or 0")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def cache_max_bytes() -> int | None:

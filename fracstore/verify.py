@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .digest import Descriptor, Digest
-from .errors import FormatError, IntegrityError, NotFoundError, StorageError
+from .errors import FormatError, IntegrityError, NotFoundError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -165,8 +165,6 @@ def _rehash(store: Store) -> Callable[[Descriptor], Problem | None]:
             return _confirm(store)(descriptor)
         except IntegrityError as exc:
             return Problem("corrupt-blob", str(descriptor.digest), f"{exc}")
-        except StorageError:
-            raise
         return None
 
     return check

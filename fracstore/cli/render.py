@@ -16,25 +16,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import PurePath
 from typing import Any
 
+from .. import config
 from ..digest import Descriptor, Digest
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 from ..manifest import parse_time
 from ..query import ModelRecord
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-_SIZE_FACTORS = {
-    "": 1,
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*")
 _DURATION_FACTORS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]*)\s*")
 
@@ -50,16 +38,15 @@ def format_size(size: int) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``10GiB``, ``500MB``, ``1.5 MiB``, ``4096`` -> bytes (GiB/MiB/KiB binary, GB/MB/kB decimal).
+    """``10GiB``, ``500MB``, ``1.5 MiB``, ``4096`` -> bytes, by :func:`fracstore.config.parse_size`'s grammar.
 
     Raises:
-        FormatError: anything else.
+        FormatError: anything else (a usage error on the command line).
     """
-    match = _SIZE_RE.fullmatch(text)
-    factor = _SIZE_FACTORS.get(match.group(2).lower()) if match else None
-    if match is None or factor is None:
-        raise FormatError(f"invalid size {text!r}: write a number with an optional unit, e.g. 10GiB, 500MB, 4096")
-    return int(float(match.group(1)) * factor)
+    try:
+        return config.parse_size(text)
+    except ConfigError as exc:
+        raise FormatError(str(exc)) from None
 
 
 def parse_duration(text: str) -> timedelta:
