@@ -69,7 +69,35 @@ def _request(method: str, url: str, *, headers: Mapping[str, str] | None = None,
 # -- S3 ---------------------------------------------------------------------------------------------------------
 
 
-class MotoS3Server:
+class _LoopbackServer:
+    """What the test servers share: a port on 127.0.0.1 kept across restarts, so endpoints handed out before an
+    outage stay valid after it. Subclasses implement start, stop and running."""
+
+    _port: int
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def endpoint(self) -> str:
+        if not self._port:
+            raise RuntimeError(f"the {type(self).__name__} was never started")
+        return f"http://127.0.0.1:{self._port}"
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[None]:
+        """Stop the server for the ``with`` body, then start it again on the same port (its data survives)."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+
+class MotoS3Server(_LoopbackServer):
     """A moto S3 server that can be stopped and started again on the same port.
 
     The first :meth:`start` binds a random free port; later starts reuse it, so URLs and storage options handed
@@ -79,12 +107,6 @@ class MotoS3Server:
     def __init__(self) -> None:
         self._server: Any = None
         self._port = 0
-
-    @property
-    def endpoint(self) -> str:
-        if not self._port:
-            raise RuntimeError("the moto server was never started")
-        return f"http://127.0.0.1:{self._port}"
 
     @property
     def running(self) -> bool:
@@ -108,15 +130,6 @@ class MotoS3Server:
             return
         server.stop()
         server._server.server_close()
-
-    @contextlib.contextmanager
-    def stopped(self) -> Iterator[None]:
-        """Stop the server for the ``with`` body, then start it again (its data survives)."""
-        self.stop()
-        try:
-            yield
-        finally:
-            self.start()
 
     def reset(self) -> None:
         """Forget every bucket and object (moto's own reset API)."""
@@ -288,7 +301,7 @@ def _make_storage_class() -> type:
     return PreconditionStorage
 
 
-class GcsEmulator:
+class GcsEmulator(_LoopbackServer):
     """gcp-storage-emulator in memory on loopback, with ``ifGenerationMatch`` enforced.
 
     Why in-process subclasses of the emulator's handler and storage rather than a proxy: every upload path of the
@@ -318,12 +331,6 @@ class GcsEmulator:
         self._port = 0
 
     @property
-    def endpoint(self) -> str:
-        if not self._port:
-            raise RuntimeError("the GCS emulator was never started")
-        return f"http://127.0.0.1:{self._port}"
-
-    @property
     def running(self) -> bool:
         return self._httpd is not None
 
@@ -346,15 +353,6 @@ class GcsEmulator:
         httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-    @contextlib.contextmanager
-    def stopped(self) -> Iterator[None]:
-        """Stop the emulator for the ``with`` body, then start it again on the same port (its data survives)."""
-        self.stop()
-        try:
-            yield
-        finally:
-            self.start()
 
     def wipe(self) -> None:
         """Forget every bucket, object and upload session."""
