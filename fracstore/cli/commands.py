@@ -1143,18 +1143,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-shard-size", type=_size, metavar="SIZE", help="HF folder: shard above SIZE (e.g. 5GB)")
     sub.add_argument("--force", action="store_true", help="replace an existing file / write into a non-empty folder")
 
-    if apis["push"]:
-        sub = verb("push", cmd_push, "copy a version to another store (only the blobs it lacks)")
-        sub.add_argument("destination", metavar="DEST", help="store URL or remote name")
-        sub.add_argument("ref", type=_ref)
-        sub.add_argument("--all", action="store_true", help="every version of the name")
-        sub.add_argument("--tags", action="store_true", help="also copy the registry tags")
-    if apis["pull"]:
-        sub = verb("pull", cmd_pull, "copy a version from another store into this one")
-        sub.add_argument("source", metavar="SOURCE", help="store URL or remote name")
-        sub.add_argument("ref", type=_ref)
-        sub.add_argument("--all", action="store_true", help="every version of the name")
-        sub.add_argument("--tags", action="store_true", help="also copy the registry tags")
+    transfers = (
+        ("push", cmd_push, "copy a version to another store (only the blobs it lacks)", "destination", "DEST"),
+        ("pull", cmd_pull, "copy a version from another store into this one", "source", "SOURCE"),
+    )
+    for name, command, summary, other, metavar in transfers:
+        if apis[name]:
+            sub = verb(name, command, summary)
+            sub.add_argument(other, metavar=metavar, help="store URL or remote name")
+            sub.add_argument("ref", type=_ref)
+            sub.add_argument("--all", action="store_true", help="every version of the name")
+            sub.add_argument("--tags", action="store_true", help="also copy the registry tags")
     if apis["export"]:
         sub = verb("export", cmd_export, "write versions into one portable, verified bundle file")
         sub.add_argument("refs", nargs="+", type=_ref, metavar="REF")
