@@ -348,12 +348,13 @@ class CachedBlobStore:
         if found == "good":
             return False
         self.cache.pool.put(descriptor, data, sync_folder=False, mutable=mutable)
+        # Just written or just verified, so within the prune grace period: only outside interference loses it.
         cached = self.cache.lookup(descriptor)
-        if cached is None:  # pruned in the instant between: write it again
-            self.cache.pool.put(descriptor, data, sync_folder=False, mutable=mutable)
-            cached = self.cache.lookup(descriptor)
-            if cached is None:
-                raise StorageError(f"the local cache {self.cache.cache_dir} lost blob {descriptor.digest} twice")
+        if cached is None:
+            raise StorageError(
+                f"blob {descriptor.digest} vanished from the local cache {self.cache.cache_dir} right after it was "
+                "written (is something else deleting files there?); nothing was uploaded. Save again"
+            )
         if found == "bad":
             self.backend.delete(blob_key(descriptor.digest))  # a wrong-sized object under the name; replace it
         return self.backend.upload(blob_key(descriptor.digest), cached.path)
