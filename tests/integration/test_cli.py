@@ -346,6 +346,19 @@ def test_demo(runs: dict[str, list[Run]], seeded: Seeded) -> None:
     assert "best:" in run.out and "imported:" in run.out and "training" in run.err
     store = Store.open(seeded.root / "demo-store", create=False, cache_dir=seeded.root / "check-cache")
     assert len(store.list("fracstore-demo-pinn")) >= 1
+    # What the demo printed, checked: three versions saved, the best named, the loaded model's error on new inputs
+    # under a stated bound, and a bundle that round-trips into the second store unchanged.
+    saved = re.findall(r"^fracstore-demo-pinn@(\d+)\s", run.out, flags=re.MULTILINE)
+    assert len(saved) == 3
+    best = re.search(r"^best:\s+(fracstore-demo-pinn@\d+) \(val_error ([0-9.e+-]+)", run.out, flags=re.MULTILINE)
+    assert best is not None and best.group(1) in {f"fracstore-demo-pinn@{v}" for v in saved}
+    assert store.resolve("fracstore-demo-pinn:best").ref == best.group(1)
+    applied = re.search(r"^applied to:\s+1000 new inputs, max error ([0-9.e+-]+)", run.out, flags=re.MULTILINE)
+    assert applied is not None and float(applied.group(1)) < 0.05
+    bundle = re.search(r"^bundle:\s+(\S+\.zip) ", run.out, flags=re.MULTILINE)
+    assert bundle is not None and Path(bundle.group(1)).is_file()
+    imported = re.search(r"^imported:\s+.*\(max prediction difference ([0-9.e+-]+)\)", run.out, flags=re.MULTILINE)
+    assert imported is not None and float(imported.group(1)) == 0.0
 
 
 # -- in-process: options and error paths --------------------------------------------------------------------
